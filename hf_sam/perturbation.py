@@ -1,0 +1,132 @@
+"""The SAM math: gradient norm, perturbation, exact restore. No Trainer in here.
+
+SAM (Foret et al. 2021, arXiv 2010.01412) minimises max_{||e|| <= rho} L(w + e) with the first-order solution
+
+    e = rho * g / ||g||                       g = grad L(w), ||.|| the global L2 norm over all perturbed tensors
+
+and steps the optimizer with grad L(w + e), evaluated at w + e but applied at w. ASAM (Kwon et al. 2021,
+arXiv 2102.11600) makes the ball adaptive with T = |w| + eta (elementwise):
+
+    e = rho * T^2 g / ||T g||
+
+Everything here works in place on lists of tensors with `torch._foreach_*` kernels: the gradient buffer becomes e
+and the parameter becomes w + e, so the only extra memory is one copy of w, which `restore_` copies back bit for bit
+(subtracting e would drift in bf16/fp16). The step never reads a value back to the host: a zero or non-finite norm
+turns into a zero scale on the device. The normalised perturbation does not depend on a constant factor of g, so
+GradScaler-scaled gradients give the same e as unscaled ones and are never unscaled here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["WeightBackup", "global_norm", "perturb_", "restore_"]
+
+
+def _group_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    # foreach kernels and scalar tensors must share a device: model-parallel placements spread parameters out.
+    groups: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[t.device].append(i)
+    return groups
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `tensors` together, in float32, as a 0-dim tensor on the first tensor's device.
+
+    Args:
+        tensors (`Sequence[torch.Tensor]`): Tensors on any devices and dtypes, plain or `DTensor` shards.
+
+    Returns:
+        `torch.Tensor`: sqrt(sum_i ||t_i||^2), computed in float32 so that fp16 (and GradScaler-scaled) values do
+        not overflow. Sharded `DTensor` norms are reduced across their mesh (FSDP2).
+    """
+    if not tensors:
+        raise ValueError("global_norm needs at least one tensor.")
+    home = tensors[0].device
+    squares = []
+    for device, idx in _group_by_device(tensors).items():
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)
+        squared = torch.stack(norms).square().sum()
+        if hasattr(squared, "full_tensor"):  # DTensor: a partial sum over shards, reduced across the mesh
+            squared = squared.full_tensor()
+        squares.append(squared.to(home))
+    return torch.stack(squares).sum().sqrt()
+
+
+@torch.no_grad()
+def perturb_(
+    params: Sequence[torch.Tensor],
+    backups: Sequence[torch.Tensor],
+    rho: float,
+    adaptive: bool = False,
+    eta: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move `params` from w to w + e in place; their `.grad` becomes e. `backups` receive an exact copy of w.
+
+    Args:
+        params (`Sequence[torch.Tensor]`): The parameters to perturb, each with a `.grad` from the first pass.
+        backups (`Sequence[torch.Tensor]`): Buffers of the same shapes and dtypes, overwritten with w.
+        rho (`float`): Neighbourhood radius.
+        adaptive (`bool`, defaults to `False`): ASAM: e = rho T^2 g / ||T g||, T = |w| + eta.
+        eta (`float`, defaults to `0.01`): ASAM's offset.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the norm that normalised e (||g||, or ||T g|| for ASAM) and a 0-dim
+        bool, True when the step was skipped (e = 0) because that norm was zero or not finite.
+    """
+    grads = [p.grad for p in params]
+    torch._foreach_copy_(backups, params)
+    if adaptive:
+        # Borrow the parameters as scratch for T = |w| + eta (w is safe in `backups`): no temporaries.
+        torch._foreach_abs_(params)
+        torch._foreach_add_(params, eta)
+        torch._foreach_mul_(grads, params)  # grads <- T g
+    norm = global_norm(grads)
+    ok = torch.isfinite(norm) & (norm > 0)
+    scale = torch.where(ok, rho / norm, torch.zeros_like(norm))  # rho / ||(T) g||, or 0 to skip the step
+    if adaptive:
+        torch._foreach_mul_(grads, params)  # grads <- T^2 g
+        torch._foreach_copy_(params, backups)  # params <- w
+    for device, idx in _group_by_device(params).items():
+        device_grads = [grads[i] for i in idx]
+        torch._foreach_mul_(device_grads, scale.to(device))  # grads <- e
+        # A skipped step has 0 * inf = nan where g was not finite; e must be exactly 0 there, without a host sync.
+        for g in device_grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        torch._foreach_add_([params[i] for i in idx], device_grads)  # params <- w + e
+    return norm, ~ok
+
+
+@torch.no_grad()
+def restore_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None:
+    """Copy w back from `backups` into `params`, bit for bit."""
+    torch._foreach_copy_(params, backups)
+
+
+class WeightBackup:
+    """Persistent buffers that hold w during the second pass, reused across steps (no per-step allocation).
+
+    One buffer per parameter ever perturbed, so a parameter set that varies between steps (mixture-of-experts
+    routing, layers unfrozen by a callback) reallocates nothing after the first time.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def buffers_for(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return one buffer per parameter of `params`, in order."""
+        out = []
+        for p in params:
+            entry = self._buffers.get(id(p))
+            if entry is None or entry[0] is not p or entry[1].shape != p.shape or entry[1].dtype != p.dtype:
+                entry = self._buffers[id(p)] = (p, torch.empty_like(p))
+            out.append(entry[1])
+        return out
+
+    def clear(self) -> None:
+        """Free the buffers."""
+        self._buffers.clear()
