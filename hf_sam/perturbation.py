@@ -48,7 +48,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         raise ValueError("global_norm needs at least one tensor.")
     home = tensors[0].device
     squares = []
-    for device, idx in _group_by_device(tensors).items():
+    for idx in _group_by_device(tensors).values():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)
         squared = torch.stack(norms).square().sum()
         if hasattr(squared, "full_tensor"):  # DTensor: a partial sum over shards, reduced across the mesh

@@ -59,8 +59,10 @@ class _SAMMetrics:
     def pop(self, accelerator) -> dict[str, float]:
         """Window averages, reduced across processes (a collective: every rank calls `log` with the loss)."""
         values = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
-             for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped)]
+            [
+                torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
+                for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped)
+            ]
         )
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="mean")
@@ -113,7 +115,7 @@ class SAMMixin:
                 sam_config = self.args.to_sam_config()
             else:
                 sam_config = SAMConfig()
-                logger.info(f"No `sam_config` and no `sam_*` fields in the arguments: using the defaults {sam_config}.")
+                logger.info(f"No `sam_config` and no `sam_*` fields in the arguments: using {sam_config}.")
         self.sam_config = sam_config
         reason = unsupported_setup_reason(self)
         if reason is not None:
