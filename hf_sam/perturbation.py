@@ -20,17 +20,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["WeightBackup", "global_norm", "perturb_", "restore_"]
 
 
-def _group_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+def _group_by_device(tensors: Sequence[torch.Tensor], with_dtype: bool = False) -> dict[Any, list[int]]:
     # foreach kernels and scalar tensors must share a device: model-parallel placements spread parameters out.
-    groups: dict[torch.device, list[int]] = defaultdict(list)
+    # Groups keep first-seen order, so every process sums in the same order.
+    groups: dict[Any, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        groups[t.device].append(i)
+        groups[(t.device, t.dtype) if with_dtype else t.device].append(i)
     return groups
 
 
@@ -48,9 +50,9 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         raise ValueError("global_norm needs at least one tensor.")
     home = tensors[0].device
     squares = []
-    for idx in _group_by_device(tensors).values():
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)
-        squared = torch.stack(norms).square().sum()
+    for (_, dtype), idx in _group_by_device(tensors, with_dtype=True).items():
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.promote_types(dtype, torch.float32))
+        squared = torch.stack(norms).float().square().sum()
         if hasattr(squared, "full_tensor"):  # DTensor: a partial sum over shards, reduced across the mesh
             squared = squared.full_tensor()
         squares.append(squared.to(home))

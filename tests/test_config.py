@@ -1,0 +1,77 @@
+"""Configuration: validation at construction time, CLI parsing, refusals of setups SAM cannot run in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import base_args, lm_dataset, tiny_llama
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+
+INVALID = [
+    ("rho", 0.0, r"`rho` \(`--sam_rho`\) must be a finite number > 0, got 0.0"),
+    ("rho", -0.05, r"`rho` \(`--sam_rho`\) must be a finite number > 0"),
+    ("rho", float("nan"), r"`rho` \(`--sam_rho`\) must be a finite number > 0, got nan"),
+    ("rho", float("inf"), r"`rho` \(`--sam_rho`\) must be a finite number > 0, got inf"),
+    ("rho", "0.05", r"`rho` \(`--sam_rho`\) must be a finite number > 0, got '0.05'"),
+    ("eta", -0.01, r"`eta` \(`--sam_eta`\) must be a finite number >= 0"),
+    ("eta", float("nan"), r"`eta` \(`--sam_eta`\) must be a finite number >= 0"),
+    ("adaptive", "yes", r"`adaptive` \(`--sam_adaptive`\) must be True or False"),
+    ("accumulation", "sum", r"`accumulation` \(`--sam_accumulation`\) must be one of 'exact', 'micro', got 'sum'"),
+    ("sync", "none", r"`sync` \(`--sam_sync`\) must be one of 'global', 'local', got 'none'"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", INVALID)
+def test_sam_config_rejects_bad_values(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        SAMConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name,value,message", INVALID)
+def test_training_arguments_reject_bad_values(tmp_path, name, value, message):
+    with pytest.raises(ValueError, match=message):
+        SAMTrainingArguments(**base_args(tmp_path), **{f"sam_{name}": value})
+
+
+def test_valid_settings_round_trip(tmp_path):
+    args = SAMTrainingArguments(
+        **base_args(tmp_path), sam_rho=0.1, sam_adaptive=True, sam_eta=0.0, sam_accumulation="micro", sam_sync="local"
+    )
+    assert args.to_sam_config() == SAMConfig(rho=0.1, adaptive=True, eta=0.0, accumulation="micro", sync="local")
+    assert isinstance(args, TrainingArguments)
+
+
+def test_hf_argument_parser_flags(tmp_path):
+    parser = HfArgumentParser(SAMTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--sam_rho", "0.1", "--sam_adaptive", "--sam_accumulation", "micro"]
+    )
+    assert args.to_sam_config() == SAMConfig(rho=0.1, adaptive=True, accumulation="micro")
+    help_text = parser.format_help()
+    assert "--sam_rho" in help_text and "Radius of the neighbourhood" in help_text
+    with pytest.raises(SystemExit):  # argparse choices name the valid values
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--sam_sync", "sometimes"])
+    with pytest.raises(ValueError, match="--sam_rho"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--sam_rho", "-1"])
+
+
+def test_deepspeed_is_refused_at_configuration_time(tmp_path):
+    with pytest.raises(ValueError, match="does not support DeepSpeed.*Supported: single device, DDP and FSDP"):
+        SAMTrainingArguments(**base_args(tmp_path), deepspeed={"zero_optimization": {"stage": 2}})
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo"])
+def test_optimizers_that_step_inside_backward_are_refused(tmp_path, optim):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = SAMTrainingArguments(**base_args(tmp_path), optim=optim)
+    with pytest.raises(ValueError, match=f"`optim='{optim}'` updates the weights inside `backward`"):
+        SAMTrainer(model=model, args=args, train_dataset=lm_dataset())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sam_config_must_be_a_sam_config(tmp_path):
+    with pytest.raises(TypeError, match="`sam_config` must be a `SAMConfig`, got dict"):
+        SAMTrainer(model=tiny_llama(), args=TrainingArguments(**base_args(tmp_path)), sam_config={"rho": 0.1})
