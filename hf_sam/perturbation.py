@@ -36,6 +36,12 @@ def _group_by_device(tensors: Sequence[torch.Tensor], with_dtype: bool = False) 
     return groups
 
 
+def _local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    # FSDP2 (DTensor): most `_foreach_*` ops have no sharding rule, so the in-place work runs on the local shards,
+    # which alias the DTensors' storage. Only the norm needs the mesh, and `global_norm` reduces it there.
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all `tensors` together, in float32, as a 0-dim tensor on the first tensor's device.
 
@@ -81,13 +87,15 @@ def perturb_(
         bool, True when the step was skipped (e = 0) because that norm was zero or not finite.
     """
     grads = [p.grad for p in params]
+    norm_grads = grads  # DTensor views (FSDP2) for the cross-shard norm; everything else acts on local shards
+    params, grads, backups = _local(params), _local(grads), _local(backups)
     torch._foreach_copy_(backups, params)
     if adaptive:
         # Borrow the parameters as scratch for T = |w| + eta (w is safe in `backups`): no temporaries.
         torch._foreach_abs_(params)
         torch._foreach_add_(params, eta)
         torch._foreach_mul_(grads, params)  # grads <- T g
-    norm = global_norm(grads)
+    norm = global_norm(norm_grads)
     ok = torch.isfinite(norm) & (norm > 0)
     scale = torch.where(ok, rho / norm, torch.zeros_like(norm))  # rho / ||(T) g||, or 0 to skip the step
     if adaptive:
@@ -106,7 +114,7 @@ def perturb_(
 @torch.no_grad()
 def restore_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None:
     """Copy w back from `backups` into `params`, bit for bit."""
-    torch._foreach_copy_(params, backups)
+    torch._foreach_copy_(_local(params), _local(backups))
 
 
 class WeightBackup:
