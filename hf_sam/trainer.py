@@ -130,6 +130,9 @@ class SAMMixin:
         self._sam_stash: list[tuple[dict[str, Any], RNGState]] = []
         self._sam_stash_step = -1
         self._sam_metrics = _SAMMetrics()
+        # True while the second pass runs the parent's `training_step` at w + e: subclasses that record their own
+        # metrics in `compute_loss` (TRL's trainers) read it to keep the perturbed pass out of them.
+        self._sam_in_perturbed_pass = False
         self.add_callback(_SAMStateCallback(self))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -198,6 +201,7 @@ class SAMMixin:
                 for p, g in zip(*accumulated_grads):
                     p.grad = g
             last = self.accelerator.sync_gradients
+            self._sam_in_perturbed_pass = True
             for i, (micro_inputs, rng) in enumerate(stash):
                 restore_rng_state(rng)  # same dropout masks as the clean pass
                 with gradient_sync(model, enabled=last and i == len(stash) - 1):
@@ -207,6 +211,7 @@ class SAMMixin:
             model.zero_grad(set_to_none=True)  # a half-accumulated SAM gradient must not reach the optimizer
             raise
         finally:
+            self._sam_in_perturbed_pass = False
             restore_(params, backups)
             restore_rng_state(after_first_pass)  # later randomness as if one pass ran
 
