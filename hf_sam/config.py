@@ -18,6 +18,8 @@ from .distributed import DEEPSPEED_UNSUPPORTED
 
 ACCUMULATION_MODES = ("exact", "micro")
 SYNC_MODES = ("global", "local")
+METHODS = ("sam", "looksam", "flat_lora")
+RHO_SCHEDULES = ("constant", "lr", "cosine_ramp")
 
 # One help text per setting, shared by `SAMConfig` and the `sam_*` argument fields.
 _HELP = {
@@ -31,6 +33,21 @@ _HELP = {
     "accumulated batch, then the second pass re-runs every micro-batch at the perturbed weights, so GA=k x batch b "
     "equals GA=1 x batch k*b. 'micro': each micro-batch is perturbed with its own gradient (m-sharpness) and the "
     "perturbed gradients accumulate.",
+    "method": "'sam': SAM (or ASAM with `adaptive`) on every SAM step, two passes. 'looksam': LookSAM (Liu et al. "
+    "2022): full SAM every `looksam_interval` steps, one pass in between that reuses the cached component of the SAM "
+    "gradient orthogonal to the gradient. 'flat_lora': Flat-LoRA-style random perturbation of the frozen full weights "
+    "under LoRA adapters (one pass, noise regenerated from a seed, `rho` is the noise scale sigma).",
+    "looksam_interval": "LookSAM: steps between full SAM steps (k). Must be an integer >= 1.",
+    "looksam_alpha": "LookSAM: weight of the reused orthogonal component. Must be a finite number >= 0.",
+    "start_fraction": "Run SAM only from this fraction of `max_steps` on (0.0: from the start; 0.85: the last 0.15 "
+    "of training, late-phase SAM); earlier steps are plain one-pass steps. Must be in [0, 1).",
+    "interval": "Run SAM on every `interval`-th step only; the others are plain one-pass steps. Integer >= 1.",
+    "ascent_fraction": "Compute the perturbation from this leading fraction of each micro-batch (Bahri et al. 2022); "
+    "the perturbed pass always uses the whole micro-batch. The logged `loss` is then estimated on that fraction. "
+    "Must be in (0, 1].",
+    "rho_schedule": "'constant': rho throughout. 'lr': rho follows the learning rate between `rho_min` and `rho` "
+    "(GSAM). 'cosine_ramp': rho rises from `rho_min` to `rho` along a half cosine over training (Flat-LoRA).",
+    "rho_min": "Lower end of the `rho_schedule`. Must be a finite number in [0, rho].",
     "sync": "How SAM meets data parallelism. 'global': the perturbation uses the all-reduced gradient, so N "
     "processes give the result of one process on the same global batch. 'local': each process perturbs with its "
     "own gradient (the original paper's m-sharpness), and the first pass runs without gradient all-reduce.",
@@ -52,6 +69,24 @@ def _check_number(name: str, value: float, *, allow_zero: bool) -> None:
         raise ValueError(f"`{name}` (`--sam_{name}`) must be a finite number {bound}, got {value!r}.")
 
 
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` (`--sam_{name}`) must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_fraction(name: str, value: float, *, low_open: bool) -> None:
+    interval = "(0, 1]" if low_open else "[0, 1)"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    inside = number and ((0 < value <= 1) if low_open else (0 <= value < 1))
+    if not inside:
+        raise ValueError(f"`{name}` (`--sam_{name}`) must be a number in {interval}, got {value!r}.")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
 @dataclass
 class SAMConfig:
     """Settings of Sharpness-Aware Minimization.
@@ -62,6 +97,14 @@ class SAMConfig:
         eta (`float`, defaults to `0.01`): ASAM's offset; must be finite and >= 0.
         accumulation (`str`, defaults to `"exact"`): `"exact"` or `"micro"`; see the concepts page of the docs.
         sync (`str`, defaults to `"global"`): `"global"` or `"local"`; see the concepts page of the docs.
+        method (`str`, defaults to `"sam"`): `"sam"`, `"looksam"` or `"flat_lora"`.
+        looksam_interval (`int`, defaults to `5`): LookSAM's k.
+        looksam_alpha (`float`, defaults to `0.7`): LookSAM's alpha.
+        start_fraction (`float`, defaults to `0.0`): SAM from this fraction of `max_steps` on.
+        interval (`int`, defaults to `1`): SAM on every `interval`-th step.
+        ascent_fraction (`float`, defaults to `1.0`): fraction of each micro-batch for the first pass.
+        rho_schedule (`str`, defaults to `"constant"`): `"constant"`, `"lr"` or `"cosine_ramp"`.
+        rho_min (`float`, defaults to `0.0`): lower end of the rho schedule.
 
     Raises:
         `ValueError`: naming the field and its valid values, when a setting cannot work.
@@ -72,6 +115,16 @@ class SAMConfig:
     eta: float = field(default=0.01, metadata={"help": _HELP["eta"]})
     accumulation: Literal["exact", "micro"] = field(default="exact", metadata={"help": _HELP["accumulation"]})
     sync: Literal["global", "local"] = field(default="global", metadata={"help": _HELP["sync"]})
+    method: Literal["sam", "looksam", "flat_lora"] = field(default="sam", metadata={"help": _HELP["method"]})
+    looksam_interval: int = field(default=5, metadata={"help": _HELP["looksam_interval"]})
+    looksam_alpha: float = field(default=0.7, metadata={"help": _HELP["looksam_alpha"]})
+    start_fraction: float = field(default=0.0, metadata={"help": _HELP["start_fraction"]})
+    interval: int = field(default=1, metadata={"help": _HELP["interval"]})
+    ascent_fraction: float = field(default=1.0, metadata={"help": _HELP["ascent_fraction"]})
+    rho_schedule: Literal["constant", "lr", "cosine_ramp"] = field(
+        default="constant", metadata={"help": _HELP["rho_schedule"]}
+    )
+    rho_min: float = field(default=0.0, metadata={"help": _HELP["rho_min"]})
 
     def __post_init__(self) -> None:
         _check_number("rho", self.rho, allow_zero=False)
@@ -80,6 +133,34 @@ class SAMConfig:
             raise ValueError(f"`adaptive` (`--sam_adaptive`) must be True or False, got {self.adaptive!r}.")
         _check_choice("accumulation", self.accumulation, ACCUMULATION_MODES)
         _check_choice("sync", self.sync, SYNC_MODES)
+        _check_choice("method", self.method, METHODS)
+        _check_int("looksam_interval", self.looksam_interval, 1)
+        _check_number("looksam_alpha", self.looksam_alpha, allow_zero=True)
+        _check_fraction("start_fraction", self.start_fraction, low_open=False)
+        _check_int("interval", self.interval, 1)
+        _check_fraction("ascent_fraction", self.ascent_fraction, low_open=True)
+        _check_choice("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
+        _check_number("rho_min", self.rho_min, allow_zero=True)
+        _require(
+            self.rho_min <= self.rho,
+            f"`rho_min` (`--sam_rho_min`) must be <= `rho` ({self.rho}), got {self.rho_min!r}.",
+        )
+        if self.method == "looksam":
+            # The cached component lives on every process and is added to the synchronised gradient: it must be
+            # the same everywhere, and it is defined for the plain SAM direction of the whole batch.
+            _require(
+                not self.adaptive and self.accumulation == "exact" and self.sync == "global" and self.interval == 1,
+                "`method='looksam'` (`--sam_method looksam`) needs `adaptive=False`, `accumulation='exact'`, "
+                f"`sync='global'` and `interval=1`, got adaptive={self.adaptive}, "
+                f"accumulation={self.accumulation!r}, sync={self.sync!r}, interval={self.interval}.",
+            )
+        if self.method == "flat_lora":
+            _require(
+                not self.adaptive and self.ascent_fraction == 1.0,
+                "`method='flat_lora'` (`--sam_method flat_lora`) draws a random perturbation in one pass: it takes "
+                f"no `adaptive` and no `ascent_fraction` < 1, got adaptive={self.adaptive}, "
+                f"ascent_fraction={self.ascent_fraction}.",
+            )
 
 
 @dataclass
@@ -103,6 +184,16 @@ class SAMArguments:
     sam_eta: float = field(default=0.01, metadata={"help": _HELP["eta"]})
     sam_accumulation: Literal["exact", "micro"] = field(default="exact", metadata={"help": _HELP["accumulation"]})
     sam_sync: Literal["global", "local"] = field(default="global", metadata={"help": _HELP["sync"]})
+    sam_method: Literal["sam", "looksam", "flat_lora"] = field(default="sam", metadata={"help": _HELP["method"]})
+    sam_looksam_interval: int = field(default=5, metadata={"help": _HELP["looksam_interval"]})
+    sam_looksam_alpha: float = field(default=0.7, metadata={"help": _HELP["looksam_alpha"]})
+    sam_start_fraction: float = field(default=0.0, metadata={"help": _HELP["start_fraction"]})
+    sam_interval: int = field(default=1, metadata={"help": _HELP["interval"]})
+    sam_ascent_fraction: float = field(default=1.0, metadata={"help": _HELP["ascent_fraction"]})
+    sam_rho_schedule: Literal["constant", "lr", "cosine_ramp"] = field(
+        default="constant", metadata={"help": _HELP["rho_schedule"]}
+    )
+    sam_rho_min: float = field(default=0.0, metadata={"help": _HELP["rho_min"]})
 
     def __post_init__(self) -> None:
         self.to_sam_config()  # validates every sam_* field before the base class does any work

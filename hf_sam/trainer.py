@@ -1,9 +1,10 @@
 """Trainer integration: `SAMMixin` turns any `transformers.Trainer` subclass into a SAM trainer.
 
-Only public extension points are used: `training_step` runs SAM's two passes (each one through the parent's own
+Only public extension points are used: `training_step` runs SAM's passes (each one through the parent's own
 `training_step`, so loss scaling, `num_items_in_batch`, mixed precision and `accelerator.backward` stay the
-Trainer's), `log` adds the `sam_*` metrics, and a callback resets per-run state. The Trainer then clips, steps the
-optimizer and schedules the learning rate as usual, on the SAM gradient.
+Trainer's), `log` adds the `sam_*` metrics, the optimizer/scheduler checkpoint hooks save and load SAM's own state,
+and a callback resets per-run state. The Trainer then clips, steps the optimizer and schedules the learning rate as
+usual, on the SAM gradient.
 
 One optimizer step with gradient accumulation k:
 
@@ -15,6 +16,11 @@ One optimizer step with gradient accumulation k:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import math
+import os
 import weakref
 from typing import Any
 
@@ -28,13 +34,32 @@ from .config import SAMArguments, SAMConfig
 from .distributed import gradient_sync, unsupported_setup_reason
 from .perturbation import WeightBackup, perturb_, restore_
 from .rng import RNGState, capture_rng_state, restore_rng_state
+from .variants import (
+    NoisyLinearFunction,
+    flat_lora_seed,
+    looksam_add_,
+    looksam_orthogonal_,
+    sam_step_index,
+    scheduled_rho,
+)
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["SAMMixin", "SAMTrainer"]
+__all__ = ["SAM_STATE_NAME", "SAMMixin", "SAMTrainer"]
+
+SAM_STATE_NAME = "sam_state.pt"
 
 # Optimizers that update the weights inside `backward`: SAM's second pass would step at the perturbed weights.
 _FUSED_BACKWARD_OPTIMIZERS = {OptimizerNames.LOMO, OptimizerNames.ADALOMO}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepPlan:
+    """What this optimizer step does; fixed for the whole accumulation window."""
+
+    kind: str  # "plain", "sam", "looksam_reuse" or "flat_lora"
+    rho: float = 0.0
+    looksam_refresh: bool = False
 
 
 class _SAMMetrics:
@@ -48,8 +73,10 @@ class _SAMMetrics:
         self.perturbed_loss: torch.Tensor | float = 0.0
         self.grad_norm: torch.Tensor | float = 0.0
         self.skipped: torch.Tensor | float = 0.0
-        self.steps = 0  # optimizer steps since the last log
+        self.steps = 0  # optimizer steps with a perturbed pass since the last log
         self.perturbations = 0  # one per step ("exact") or per micro-batch ("micro")
+        self.rho_sum = 0.0
+        self.rho_steps = 0
 
     def add_perturbation(self, norm: torch.Tensor, skipped: torch.Tensor) -> None:
         self.grad_norm = self.grad_norm + torch.where(skipped, torch.zeros_like(norm), norm)
@@ -58,22 +85,26 @@ class _SAMMetrics:
 
     def pop(self, accelerator) -> dict[str, float]:
         """Window averages, reduced across processes (a collective: every rank calls `log` with the loss)."""
-        values = torch.stack(
-            [
-                torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
-                for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped)
-            ]
-        )
-        if accelerator.num_processes > 1:
-            values = accelerator.reduce(values, reduction="mean")
-        clean, perturbed, norm, skipped = values.tolist()
-        unskipped = self.perturbations - skipped
-        logs = {
-            "sam_perturbed_loss": perturbed / self.steps,
-            "sam_sharpness": (perturbed - clean) / self.steps,
-            "sam_grad_norm": norm / unskipped if unskipped > 0 else float("nan"),
-            "sam_skipped": skipped / self.perturbations,
-        }
+        logs = {}
+        if self.rho_steps:
+            logs["sam_rho"] = self.rho_sum / self.rho_steps
+        if self.steps:
+            values = torch.stack(
+                [
+                    torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
+                    for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped)
+                ]
+            )
+            if accelerator.num_processes > 1:
+                values = accelerator.reduce(values, reduction="mean")
+            clean, perturbed, norm, skipped = values.tolist()
+            unskipped = self.perturbations - skipped
+            logs.update(
+                sam_perturbed_loss=perturbed / self.steps,
+                sam_sharpness=(perturbed - clean) / self.steps,
+                sam_grad_norm=norm / unskipped if unskipped > 0 else float("nan"),
+                sam_skipped=skipped / self.perturbations if self.perturbations else 0.0,
+            )
         self.reset()
         return logs
 
@@ -87,7 +118,7 @@ class _SAMStateCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._trainer()
         if trainer is not None:
-            trainer._sam_stash.clear()
+            trainer._sam_reset_window()
             trainer._sam_metrics.reset()
 
 
@@ -103,7 +134,8 @@ class SAMMixin:
         **kwargs: Passed to the Trainer.
 
     Raises:
-        `ValueError`: when SAM cannot run with this setup (DeepSpeed, an optimizer that steps inside `backward`).
+        `ValueError`: when SAM cannot run with this setup (DeepSpeed, an optimizer that steps inside `backward`,
+            `method="flat_lora"` without LoRA layers on `nn.Linear`).
     """
 
     def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
@@ -126,16 +158,15 @@ class SAMMixin:
                 "step at the perturbed weights. Use an optimizer that steps after `backward`, e.g. `adamw_torch`, "
                 "`sgd` or `adafactor`."
             )
+        if sam_config.method == "flat_lora":
+            self._sam_flat_lora_layers()  # raises now, before training, if there is nothing to perturb
         self._sam_backup = WeightBackup()
-        self._sam_stash: list[tuple[dict[str, Any], RNGState]] = []
-        self._sam_stash_step = -1
+        self._sam_looksam_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sam_metrics = _SAMMetrics()
-        # True while the second pass runs the parent's `training_step` at w + e: subclasses that record their own
-        # metrics in `compute_loss` (TRL's trainers) read it to keep the perturbed pass out of them.
-        self._sam_in_perturbed_pass = False
+        self._sam_reset_window()
         self.add_callback(_SAMStateCallback(self))
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ---- the step ----------------------------------------------------------------------------------------------
     def training_step(
         self,
         model: nn.Module,
@@ -143,28 +174,62 @@ class SAMMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """One micro-batch of SAM; returns the clean (unperturbed) loss, as the Trainer reports it."""
+        if self._sam_window_step != self.state.global_step:  # first micro-batch of an accumulation window
+            self._sam_reset_window()
+            self._sam_window_step = self.state.global_step
+            self._sam_plan = self._sam_plan_step()
+        plan = self._sam_plan
+        self._sam_micro_index += 1
+        if plan.kind == "plain":
+            return super().training_step(model, inputs, num_items_in_batch)
+        if plan.kind == "flat_lora":
+            return self._sam_flat_lora_step(model, inputs, num_items_in_batch, plan)
+        if plan.kind == "looksam_reuse":
+            return self._sam_looksam_reuse_step(model, inputs, num_items_in_batch)
         if self.sam_config.accumulation == "micro":
-            return self._sam_micro_step(model, inputs, num_items_in_batch)
-        return self._sam_exact_step(model, inputs, num_items_in_batch)
+            return self._sam_micro_step(model, inputs, num_items_in_batch, plan)
+        return self._sam_exact_step(model, inputs, num_items_in_batch, plan)
 
-    def _sam_exact_step(self, model, inputs, num_items_in_batch):
-        if self._sam_stash_step != self.state.global_step:  # a new accumulation window
-            self._sam_stash.clear()
-            self._sam_stash_step = self.state.global_step
+    def _sam_reset_window(self) -> None:
+        self._sam_stash: list[tuple[dict[str, Any], RNGState]] = []
+        self._sam_window_step = -1
+        self._sam_micro_index = -1
+        self._sam_plan = _StepPlan("plain")
+
+    def _sam_plan_step(self) -> _StepPlan:
+        cfg, step = self.sam_config, self.state.global_step
+        max_steps = max(self.state.max_steps, 1)
+        index = sam_step_index(step, max_steps, cfg.start_fraction, cfg.interval)
+        if index is None:
+            return _StepPlan("plain")
+        base_lr = self.args.learning_rate
+        learning_rate = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else base_lr
+        rho = scheduled_rho(cfg.rho_schedule, cfg.rho, cfg.rho_min, learning_rate, base_lr, step / max_steps)
+        if cfg.rho_schedule != "constant":
+            self._sam_metrics.rho_sum += rho
+            self._sam_metrics.rho_steps += 1
+        if cfg.method == "flat_lora":
+            return _StepPlan("flat_lora", rho)
+        if cfg.method == "looksam":
+            refresh = index % cfg.looksam_interval == 0 or not self._sam_looksam_cache
+            return _StepPlan("sam" if refresh else "looksam_reuse", rho, looksam_refresh=refresh)
+        return _StepPlan("sam", rho)
+
+    def _sam_exact_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
         self._sam_stash.append((inputs, capture_rng_state()))
         last = self.accelerator.sync_gradients
         # Micro-batches before the last are already inside the Trainer's `no_sync`.
         with gradient_sync(model, enabled=last and self.sam_config.sync == "global"):
-            clean_loss = super().training_step(model, inputs, num_items_in_batch)
+            clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
         self._sam_metrics.clean_loss = self._sam_metrics.clean_loss + clean_loss
         if not last:
             return clean_loss
         stash, self._sam_stash = self._sam_stash, []
-        self._sam_second_pass(model, stash, num_items_in_batch, accumulated_grads=None)
+        self._sam_second_pass(model, stash, num_items_in_batch, plan, accumulated_grads=None)
         self._sam_metrics.steps += 1
         return clean_loss
 
-    def _sam_micro_step(self, model, inputs, num_items_in_batch):
+    def _sam_micro_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
         trainable = self._sam_trainable_parameters(model)
         accumulated = [p.grad for p in trainable]  # set aside, never wiped
         for p in trainable:
@@ -172,48 +237,110 @@ class SAMMixin:
         rng = capture_rng_state()
         try:
             with gradient_sync(model, enabled=self.sam_config.sync == "global"):
-                clean_loss = super().training_step(model, inputs, num_items_in_batch)
+                clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
         except BaseException:
             for p, g in zip(trainable, accumulated):
                 p.grad = g
             raise
         self._sam_metrics.clean_loss = self._sam_metrics.clean_loss + clean_loss
-        self._sam_second_pass(model, [(inputs, rng)], num_items_in_batch, accumulated_grads=(trainable, accumulated))
+        self._sam_second_pass(model, [(inputs, rng)], num_items_in_batch, plan, (trainable, accumulated))
         if self.accelerator.sync_gradients:
             self._sam_metrics.steps += 1
         return clean_loss
 
-    def _sam_second_pass(self, model, stash, num_items_in_batch, accumulated_grads) -> None:
+    def _sam_first_pass(self, model, inputs, num_items_in_batch):
+        fraction = self.sam_config.ascent_fraction
+        if fraction < 1.0:  # ascent on a leading fraction of the micro-batch (Bahri et al. 2022)
+            inputs, kept = _leading_fraction(inputs, fraction)
+            if num_items_in_batch is not None:  # keep the subset's loss on the scale of the whole micro-batch
+                num_items_in_batch = num_items_in_batch * kept
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _sam_second_pass(self, model, stash, num_items_in_batch, plan: _StepPlan, accumulated_grads) -> None:
         """Perturb with the current gradients, re-run `stash` at w + e (same RNG), restore w exactly."""
         trainable = self._sam_trainable_parameters(model)
         params = [p for p in trainable if p.grad is not None]  # no gradient in the first pass: not perturbed
         after_first_pass = capture_rng_state()
         backups = self._sam_backup.buffers_for(params)
+        e = []
         try:
             if params:
-                norm, skipped = perturb_(
-                    params, backups, self.sam_config.rho, self.sam_config.adaptive, self.sam_config.eta
-                )
+                norm, skipped = perturb_(params, backups, plan.rho, self.sam_config.adaptive, self.sam_config.eta)
                 self._sam_metrics.add_perturbation(self._sam_unscaled(norm), skipped)
+                e = [p.grad for p in params] if plan.looksam_refresh else []  # LookSAM keeps e for its cache
             for p in trainable:  # e lived in .grad; free it before the second pass allocates its own
                 p.grad = None
             if accumulated_grads is not None:
                 for p, g in zip(*accumulated_grads):
                     p.grad = g
             last = self.accelerator.sync_gradients
-            self._sam_in_perturbed_pass = True
             for i, (micro_inputs, rng) in enumerate(stash):
                 restore_rng_state(rng)  # same dropout masks as the clean pass
                 with gradient_sync(model, enabled=last and i == len(stash) - 1):
                     perturbed_loss = super().training_step(model, micro_inputs, num_items_in_batch)
                 self._sam_metrics.perturbed_loss = self._sam_metrics.perturbed_loss + perturbed_loss
+            # The RNG now stands where one full pass over the micro-batches leaves it: as if SAM were off.
         except BaseException:
             model.zero_grad(set_to_none=True)  # a half-accumulated SAM gradient must not reach the optimizer
+            restore_rng_state(after_first_pass)
             raise
         finally:
-            self._sam_in_perturbed_pass = False
             restore_(params, backups)
-            restore_rng_state(after_first_pass)  # later randomness as if one pass ran
+        if e:
+            sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            looksam_orthogonal_(e, sam_grads, plan.rho)
+            self._sam_looksam_cache = {id(p): (p, g_v) for p, g_v in zip(params, e)}
+
+    def _sam_looksam_reuse_step(self, model, inputs, num_items_in_batch):
+        """LookSAM between full SAM steps: one pass, then g <- g + alpha (||g||/||g_v||) g_v at the window's end."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            pairs = [
+                (p.grad, self._sam_looksam_cache[id(p)][1])
+                for p in self._sam_trainable_parameters(model)
+                if p.grad is not None and id(p) in self._sam_looksam_cache
+            ]
+            if pairs:
+                grads, g_v = zip(*pairs)
+                looksam_add_(grads, g_v, self.sam_config.looksam_alpha)
+        return loss
+
+    def _sam_flat_lora_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
+        """One pass at W + eps for every LoRA base weight; eps comes from a per-step seed and is never stored."""
+        with contextlib.ExitStack() as stack:
+            for index, layer in enumerate(self._sam_flat_lora_layers()):
+                seed = flat_lora_seed(self.args.seed, self.state.global_step, self._sam_micro_index, index)
+                layer.forward = functools.partial(_noisy_linear_forward, layer, seed, plan.rho)
+                stack.callback(layer.__dict__.pop, "forward", None)  # back to the class's forward
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _sam_flat_lora_layers(self) -> list[nn.Linear]:
+        try:
+            from peft.tuners.lora import LoraLayer
+        except ImportError as err:
+            raise ValueError("`method='flat_lora'` (`--sam_method flat_lora`) needs `peft` installed.") from err
+        layers = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                if type(base) is not nn.Linear:
+                    raise ValueError(
+                        f"`method='flat_lora'` (`--sam_method flat_lora`) perturbs LoRA base weights of `nn.Linear` "
+                        f"layers; `{name}` wraps a {type(base).__name__} (quantized or non-linear bases are not "
+                        "supported). Use `method='sam'` for this model."
+                    )
+                if base.weight.requires_grad:
+                    raise ValueError(
+                        f"`method='flat_lora'` (`--sam_method flat_lora`) needs frozen LoRA base weights; `{name}` "
+                        "has a trainable base weight."
+                    )
+                layers.append(base)
+        if not layers:
+            raise ValueError(
+                "`method='flat_lora'` (`--sam_method flat_lora`) needs a PEFT LoRA model; this model has no LoRA "
+                "layer. Wrap it with `peft.get_peft_model(model, LoraConfig(...))` or use `method='sam'`."
+            )
+        return layers
 
     @staticmethod
     def _sam_trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -226,12 +353,69 @@ class SAMMixin:
         scale = getattr(scaler, "_scale", None)
         return norm / scale.to(norm.device).reshape(()) if scale is not None else norm
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ---- logging -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the `sam_*` window averages to each training log (the ones that carry `loss`)."""
-        if "loss" in logs and self._sam_metrics.steps > 0:
+        if "loss" in logs:
             logs.update(self._sam_metrics.pop(self.accelerator))
         super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _sam_state_file(self) -> str:
+        # LookSAM's cache can differ between processes only in its rounding; each process keeps its own.
+        if self.args.world_size > 1:
+            return f"sam_state-rank{self.args.process_index}.pt"
+        return SAM_STATE_NAME
+
+    def _sam_state_dict(self) -> dict[str, Any]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {
+            "config": dataclasses.asdict(self.sam_config),
+            "looksam_cache": {names[k]: g_v for k, (_, g_v) in self._sam_looksam_cache.items() if k in names},
+        }
+
+    def _sam_load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("config") != dataclasses.asdict(self.sam_config):
+            logger.warning(
+                f"Resuming with SAM settings {dataclasses.asdict(self.sam_config)} that differ from the "
+                f"checkpoint's {state.get('config')}."
+            )
+        params = dict(self.model.named_parameters())
+        self._sam_looksam_cache = {
+            id(params[n]): (params[n], g_v.to(params[n].device)) for n, g_v in state["looksam_cache"].items()
+        }
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Save SAM's state (`sam_state.pt`) beside the optimizer's, whose `optimizer.pt` stays untouched."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save or self.args.world_size > 1:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self._sam_state_dict(), os.path.join(output_dir, self._sam_state_file()))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, self._sam_state_file())
+        if os.path.isfile(path):
+            self._sam_load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            logger.warning(f"No SAM state in {checkpoint} (a checkpoint from a plain Trainer?): starting it afresh.")
+
+
+def _leading_fraction(inputs: dict[str, Any], fraction: float) -> tuple[dict[str, Any], float]:
+    """The first ceil(fraction * batch) examples of every batched tensor, and the kept share of the batch."""
+    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        return inputs, 1.0  # no single batch dimension to slice: ascend on the whole micro-batch
+    (batch,) = sizes
+    keep = max(1, math.ceil(batch * fraction))
+    sliced = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    return sliced, keep / batch
+
+
+def _noisy_linear_forward(layer: nn.Linear, seed: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
+    return NoisyLinearFunction.apply(x, layer.weight, layer.bias, seed, sigma)
 
 
 class SAMTrainer(SAMMixin, Trainer):
