@@ -163,6 +163,9 @@ class SAMMixin:
         self._sam_backup = WeightBackup()
         self._sam_looksam_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sam_metrics = _SAMMetrics()
+        # True while the second pass runs the parent's `training_step` at w + e: subclasses that record their own
+        # metrics in `compute_loss` (TRL's trainers) read it to keep the perturbed pass out of them.
+        self._sam_in_perturbed_pass = False
         self._sam_reset_window()
         self.add_callback(_SAMStateCallback(self))
 
@@ -274,6 +277,7 @@ class SAMMixin:
                 for p, g in zip(*accumulated_grads):
                     p.grad = g
             last = self.accelerator.sync_gradients
+            self._sam_in_perturbed_pass = True
             for i, (micro_inputs, rng) in enumerate(stash):
                 restore_rng_state(rng)  # same dropout masks as the clean pass
                 with gradient_sync(model, enabled=last and i == len(stash) - 1):
@@ -285,6 +289,7 @@ class SAMMixin:
             restore_rng_state(after_first_pass)
             raise
         finally:
+            self._sam_in_perturbed_pass = False
             restore_(params, backups)
         if e:
             sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
