@@ -5,22 +5,62 @@ synchronisation enabled. SAM decides per pass: with `sync="global"` the first pa
 the perturbation; with `sync="local"` the first pass (forward and backward) runs without synchronisation, and each
 process perturbs with its own gradient. The second pass always synchronises on its last micro-batch, like a plain
 step.
+
+Gradient all-reduce rounds per optimizer step under DDP, with k = `gradient_accumulation_steps` (plain Trainer: 1):
+
+| | `accumulation="exact"` | `accumulation="micro"` |
+|---|---|---|
+| `"global"` | 2 | k + 1 |
+| `"local"` | 1 | 1 |
+
+FSDP2 (`fully_shard`) is supported with `sync="global"`; its gradients are `DTensor` shards, the norm is reduced
+across the mesh (`perturbation.global_norm`) and the perturbation and the restore act on the local shards. Refused,
+each with its reason in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`, FSDP with `accumulation="micro"` and
+gradient accumulation.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["DEEPSPEED_UNSUPPORTED", "gradient_sync", "unsupported_setup_reason"]
 
+_SUPPORTED = (
+    "Supported: single device, DDP and FSDP2 (`fsdp_version: 2`, with `sam_sync='global'`) through `accelerate "
+    "launch` or `torchrun`; a `device_map` placement counts as a single device."
+)
+
 DEEPSPEED_UNSUPPORTED = (
-    "SAM does not support DeepSpeed (`deepspeed` is set): its engine steps the optimizer inside `backward` and "
-    "ZeRO-2/3 hide `.grad`, so the second SAM pass cannot run. Supported: single device, DDP and FSDP through "
-    "`accelerate launch` or `torchrun`."
+    "SAM does not support DeepSpeed (`deepspeed` is set). Accelerate's DeepSpeed backward runs `engine.step()` "
+    "right after `engine.backward()` at the accumulation boundary, so the optimizer would step on the clean gradient "
+    "inside SAM's first pass; ZeRO-1/2 move the reduced gradients out of `.grad` into flat partitions and ZeRO-3 "
+    "also partitions the weights, so the perturbation would have to be written into DeepSpeed's internal buffers. "
+    f"{_SUPPORTED} For sharded training use FSDP2."
+)
+
+FSDP1_UNSUPPORTED = (
+    "SAM does not support FSDP1 (`fsdp_version: 1`): its flat-parameter shards are plain tensors, so each process "
+    f"would normalise the perturbation by its own shard's gradient norm. Set `fsdp_version: 2`. {_SUPPORTED}"
+)
+
+FSDP_LOCAL_UNSUPPORTED = (
+    "`sam_sync='local'` cannot work with FSDP: the weights are sharded across processes, so there is no per-process "
+    "copy to perturb with a per-process gradient, and FSDP2 without gradient synchronisation leaves the sharded "
+    "`.grad` empty (the unsynchronised gradient would leak into the second pass). Use `sam_sync='global'`."
+)
+
+FSDP_MICRO_UNSUPPORTED = (
+    "`sam_accumulation='micro'` with `gradient_accumulation_steps > 1` cannot work with FSDP2: the perturbed "
+    "gradient of one micro-batch waits unsharded inside FSDP and would be reduced together with the next "
+    "micro-batch's clean gradient. Use `sam_accumulation='exact'` (the default) or `gradient_accumulation_steps=1`."
 )
 
 
@@ -36,6 +76,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         enabled (`bool`): Whether the backward inside the context all-reduces gradients.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
+        # DDP reads the flag in `forward` (to prepare its reducer), hence forward and backward inside the context.
         previous = model.require_backward_grad_sync
         model.require_backward_grad_sync = enabled
         try:
@@ -55,8 +96,35 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         fsdp_modules[0].set_requires_gradient_sync(True)
 
 
-def unsupported_setup_reason(trainer) -> str | None:
-    """Why SAM cannot run with this Trainer's distributed setup, or `None` when it can."""
+def _fsdp_version(trainer: Any) -> int | None:
+    """The FSDP version the Trainer's Accelerator shards with, or `None` without FSDP."""
+    accelerator = getattr(trainer, "accelerator", None)
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is None:
+        return None
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
+def unsupported_setup_reason(trainer: Any) -> str | None:
+    """Why SAM cannot run with this Trainer's distributed setup, or `None` when it can.
+
+    Args:
+        trainer: A Trainer with a `sam_config`, after `Trainer.__init__` (it reads `is_deepspeed_enabled`, the
+            Accelerator's FSDP plugin and `args.gradient_accumulation_steps`).
+
+    Returns:
+        `str | None`: the message of the `ValueError` that the mixin raises at construction.
+    """
     if getattr(trainer, "is_deepspeed_enabled", False):
         return DEEPSPEED_UNSUPPORTED
+    version = _fsdp_version(trainer)
+    if version is None:
+        return None
+    if version < 2:
+        return FSDP1_UNSUPPORTED
+    sam_config = trainer.sam_config
+    if sam_config.sync == "local":
+        return FSDP_LOCAL_UNSUPPORTED
+    if sam_config.accumulation == "micro" and trainer.args.gradient_accumulation_steps > 1:
+        return FSDP_MICRO_UNSUPPORTED
     return None

@@ -1,0 +1,295 @@
+"""SAM across processes and devices: DDP (both sync modes) and FSDP2 on CPU with gloo, refusals, placements.
+
+The multi-process tests launch the helper scripts of `tests/dist_scripts/` with `torch.distributed.run` on two CPU
+processes (gloo), one thread each, and compare the weights they save with a single-process run on the same global
+batch. They are marked `slow`; `make test` (CI) runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import base_args, lm_dataset, tiny_llama
+from transformers import TrainingArguments
+
+from hf_sam import SAMConfig, SAMTrainer
+from hf_sam.distributed import (
+    DEEPSPEED_UNSUPPORTED,
+    FSDP1_UNSUPPORTED,
+    FSDP_LOCAL_UNSUPPORTED,
+    FSDP_MICRO_UNSUPPORTED,
+    unsupported_setup_reason,
+)
+from hf_sam.perturbation import global_norm, perturb_, restore_
+
+SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, out: Path, nproc: int | None) -> None:
+    """Run `script OUT` with `nproc` processes under `torch.distributed.run`, or as one plain process for None."""
+    command = [sys.executable]
+    if nproc is not None:
+        command += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        ]
+    command += [str(SCRIPTS / script), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited with {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}")
+
+
+def update_error(got: dict, want: dict, start: dict) -> float:
+    """||got - want|| / ||want - start|| over all tensors: the error relative to the size of the update."""
+    num = sum((got[k].double() - want[k].double()).square().sum() for k in want)
+    den = sum((want[k].double() - start[k].double()).square().sum() for k in want)
+    return float((num / den).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP through the Trainer: 2 processes x batch 2 against 1 process x batch 4, gradient accumulation 2, 2 steps.
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Each run's saved results: {"ddp": {name: [rank0, rank1]}, "single": {name: result}, "start": state}."""
+    root = tmp_path_factory.mktemp("ddp")
+    launch("ddp_trainer.py", root / "two", nproc=2)
+    launch("ddp_trainer.py", root / "one", nproc=None)
+    names = ["plain", "global-exact", "global-micro", "local-exact", "local-micro"]
+    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
+    return {
+        "ddp": {n: [load(root / "two" / f"{n}.rank{r}.pt") for r in (0, 1)] for n in names},
+        "single": {n: load(root / "one" / f"{n}.rank0.pt") for n in names},
+        "start": {k: v.detach().clone() for k, v in tiny_llama(seed=0).state_dict().items()},
+    }
+
+
+@pytest.mark.slow
+def test_ddp_runs_on_two_processes(ddp_runs):
+    for name, results in ddp_runs["ddp"].items():
+        assert [r["world_size"] for r in results] == [2, 2], name
+        assert ddp_runs["single"][name]["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_ddp_plain_trainer_sees_the_single_process_global_batch(ddp_runs):
+    # The premise of the SAM comparisons: with the sequential sampler both runs train on the same global batches.
+    got = ddp_runs["ddp"]["plain"][0]["state"]
+    assert update_error(got, ddp_runs["single"]["plain"]["state"], ddp_runs["start"]) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", ["exact", "micro"])
+def test_ddp_global_sync_equals_the_single_process_run(ddp_runs, accumulation):
+    name = f"global-{accumulation}"
+    got, want = ddp_runs["ddp"][name][0]["state"], ddp_runs["single"][name]["state"]
+    assert update_error(got, want, ddp_runs["start"]) < 1e-5
+    # and SAM did something: the update is not the plain one
+    assert update_error(got, ddp_runs["single"]["plain"]["state"], ddp_runs["start"]) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", ["exact", "micro"])
+def test_ddp_local_sync_differs_from_global(ddp_runs, accumulation):
+    local = ddp_runs["ddp"][f"local-{accumulation}"][0]["state"]
+    global_ = ddp_runs["single"][f"global-{accumulation}"]["state"]
+    assert update_error(local, global_, ddp_runs["start"]) > 1e-2
+    # With one process there is no other gradient: local is global.
+    single_local = ddp_runs["single"][f"local-{accumulation}"]["state"]
+    assert update_error(single_local, global_, ddp_runs["start"]) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["plain", "global-exact", "global-micro", "local-exact", "local-micro"])
+def test_ddp_ranks_end_with_identical_weights(ddp_runs, name):
+    rank0, rank1 = (r["state"] for r in ddp_runs["ddp"][name])
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+
+
+# All-reduce rounds of each `training_step` call, in call order, for 2 optimizer steps with accumulation 2.
+# exact: clean 1, clean 2, perturbed 1, perturbed 2; micro: clean 1, perturbed 1, clean 2, perturbed 2.
+EXPECTED_ROUNDS = {
+    "plain": [0, 1] * 2,  # the Trainer's no_sync on the first micro-batch, one all-reduce per step
+    "global-exact": [0, 1, 0, 1] * 2,  # 2 per step: the clean window's gradient, then the SAM gradient
+    "global-micro": [1, 0, 1, 1] * 2,  # k + 1 = 3 per step: every clean micro-batch, then the SAM gradient
+    "local-exact": [0, 0, 0, 1] * 2,  # 1 per step: nothing in the first pass
+    "local-micro": [0, 0, 0, 1] * 2,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPECTED_ROUNDS))
+def test_ddp_all_reduce_rounds_per_pass(ddp_runs, name):
+    for rank in (0, 1):
+        assert ddp_runs["ddp"][name][rank]["rounds_per_pass"] == EXPECTED_ROUNDS[name], rank
+
+
+@pytest.mark.slow
+def test_ddp_local_sync_needs_no_collective_in_the_first_pass(ddp_runs):
+    for accumulation, first_pass in (("exact", [0, 1, 4, 5]), ("micro", [0, 2, 4, 6])):
+        for rank in (0, 1):
+            rounds = ddp_runs["ddp"][f"local-{accumulation}"][rank]["rounds_per_pass"]
+            assert [rounds[i] for i in first_pass] == [0, 0, 0, 0]
+            assert sum(rounds) == 2  # one per optimizer step, as the plain Trainer
+    assert sum(ddp_runs["ddp"]["plain"][0]["rounds_per_pass"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2: SAM's engine on a fully_shard'ed tiny Llama against the unsharded model.
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2")
+    launch("fsdp2_engine.py", root, nproc=2)
+    return torch.load(root / "fsdp2.pt", weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["sam-ga2", "asam-ga2", "sam-ga1"])
+def test_fsdp2_sam_equals_the_unsharded_run(fsdp2_runs, case):
+    run = fsdp2_runs[case]
+    assert all(d["sharded_grads"] for d in run["diagnostics"])  # the DTensor path was taken
+    assert not any(d["sharded_grads"] for d in run["reference_diagnostics"])
+    for sharded, unsharded in zip(run["diagnostics"], run["reference_diagnostics"]):
+        assert not sharded["skipped"]
+        assert sharded["norm"] == pytest.approx(unsharded["norm"], rel=1e-5)  # reduced across the shards
+    assert update_error(run["sharded"], run["unsharded"], run["initial"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_comparison_catches_a_per_shard_norm(fsdp2_runs):
+    # The control normalises e by each rank's own shard: the comparison above must be able to see that.
+    run = fsdp2_runs["sam-ga2-shard-norm"]
+    assert update_error(run["sharded"], run["unsharded"], run["initial"]) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals at construction.
+
+
+def fake_trainer(fsdp_version=None, deepspeed=False, sync="global", accumulation="exact", accumulation_steps=1):
+    """The attributes `unsupported_setup_reason` reads (Accelerate cannot shard with FSDP on CPU)."""
+    plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(
+        is_deepspeed_enabled=deepspeed,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        sam_config=SAMConfig(sync=sync, accumulation=accumulation),
+        args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps),
+    )
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        (dict(), None),
+        (dict(sync="local", accumulation="micro", accumulation_steps=4), None),  # DDP or one device: anything
+        (dict(deepspeed=True), DEEPSPEED_UNSUPPORTED),
+        (dict(fsdp_version=1), FSDP1_UNSUPPORTED),
+        (dict(fsdp_version=2), None),
+        (dict(fsdp_version=2, accumulation_steps=4), None),
+        (dict(fsdp_version=2, accumulation="micro"), None),  # no accumulation: micro is exact
+        (dict(fsdp_version=2, sync="local"), FSDP_LOCAL_UNSUPPORTED),
+        (dict(fsdp_version=2, accumulation="micro", accumulation_steps=2), FSDP_MICRO_UNSUPPORTED),
+    ],
+)
+def test_unsupported_setup_reason(setup, reason):
+    assert unsupported_setup_reason(fake_trainer(**setup)) == reason
+
+
+def test_refusals_say_what_is_supported():
+    for message in (DEEPSPEED_UNSUPPORTED, FSDP1_UNSUPPORTED):
+        assert "Supported: single device, DDP and FSDP2" in message
+    assert "engine.step()" in DEEPSPEED_UNSUPPORTED and "ZeRO-3" in DEEPSPEED_UNSUPPORTED
+    assert "sam_sync='global'" in FSDP_LOCAL_UNSUPPORTED
+    assert "sam_accumulation='exact'" in FSDP_MICRO_UNSUPPORTED
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, stage):
+    # Plain TrainingArguments (no sam_* fields, so no check there): the mixin refuses before any training.
+    pytest.importorskip("deepspeed")
+    config = {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+    }
+    args = TrainingArguments(**base_args(tmp_path), deepspeed=config)
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), sam_config=SAMConfig())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-parallel placements: parameters spread over devices and dtypes.
+
+
+def placements() -> list[list[str]]:
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [devices[:n] for n in range(2, len(devices) + 1)]
+
+
+def check_norm_and_perturbation(devices: list[str]) -> None:
+    """Parameters of three dtypes spread round-robin over `devices`: norm, w + e and restore against float64."""
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    w, grads, params = [], [], []
+    for i, shape in enumerate([(4, 3), (5,), (2, 3, 2), (7,), (3, 3), (6,)]):
+        dtype, device = dtypes[i % len(dtypes)], devices[i % len(devices)]
+        w.append(torch.randn(shape, generator=g).to(dtype))
+        grads.append(torch.randn(shape, generator=g).to(dtype))
+        p = torch.nn.Parameter(w[-1].clone().to(device))
+        p.grad = grads[-1].clone().to(device)
+        params.append(p)
+    want = torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads))
+
+    norm = global_norm([p.grad for p in params])
+    assert norm.device == params[0].device and norm.dtype == torch.float32
+    assert float(norm) == pytest.approx(float(want), rel=1e-5)
+
+    backups = [torch.empty_like(p) for p in params]
+    perturb_(params, backups, rho=0.1)
+    for p, w0, gr in zip(params, w, grads):
+        expected = w0.double() + 0.1 * gr.double() / want
+        tol = 1e-6 if p.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(p.detach().cpu().double(), expected, rtol=tol, atol=tol)
+    restore_(params, backups)
+    for p, w0 in zip(params, w):
+        assert torch.equal(p.detach().cpu(), w0)
+
+
+def test_norm_and_perturbation_group_mixed_dtypes():
+    # Runs everywhere: one device, three dtypes in one list (the grouping that model-parallel placements rely on).
+    check_norm_and_perturbation(["cpu"])
+
+
+@pytest.mark.parametrize("devices", placements() or [pytest.param([], marks=pytest.mark.skip("one device only"))])
+def test_norm_and_perturbation_across_devices(devices):
+    # `device_map="auto"`-style placement; needs a second device (a GPU), so it skips on a CPU-only machine.
+    check_norm_and_perturbation(devices)
