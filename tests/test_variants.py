@@ -18,7 +18,7 @@ from test_trainer import (
     window_loss,
     windows_of,
 )
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 from hf_sam.variants import (
