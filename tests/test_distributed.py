@@ -81,7 +81,7 @@ def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     launch("ddp_trainer.py", root / "two", nproc=2)
     launch("ddp_trainer.py", root / "one", nproc=None)
-    names = ["plain", "global-exact", "global-micro", "local-exact", "local-micro"]
+    names = ["plain", "global-exact", "global-micro", "local-exact", "local-micro", "local-exact-no-buffer-broadcast"]
     load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
     return {
         "ddp": {n: [load(root / "two" / f"{n}.rank{r}.pt") for r in (0, 1)] for n in names},
@@ -153,12 +153,22 @@ def test_ddp_all_reduce_rounds_per_pass(ddp_runs, name):
 
 @pytest.mark.slow
 def test_ddp_local_sync_needs_no_collective_in_the_first_pass(ddp_runs):
-    for accumulation, first_pass in (("exact", [0, 1, 4, 5]), ("micro", [0, 2, 4, 6])):
+    first_passes = {"exact": [0, 1, 4, 5], "micro": [0, 2, 4, 6]}
+    for name, accumulation in (("local-exact", "exact"), ("local-micro", "micro")):
         for rank in (0, 1):
-            rounds = ddp_runs["ddp"][f"local-{accumulation}"][rank]["rounds_per_pass"]
-            assert [rounds[i] for i in first_pass] == [0, 0, 0, 0]
-            assert sum(rounds) == 2  # one per optimizer step, as the plain Trainer
-    assert sum(ddp_runs["ddp"]["plain"][0]["rounds_per_pass"]) == 2
+            rounds = ddp_runs["ddp"][name][rank]["rounds_per_pass"]
+            assert [rounds[i] for i in first_passes[accumulation]] == [0, 0, 0, 0]
+            assert sum(rounds) == sum(ddp_runs["ddp"]["plain"][rank]["rounds_per_pass"]) == 2  # one per step
+            # DDP's own forward-time buffer broadcast: as many as the plain Trainer does, none added by SAM.
+            broadcasts = ddp_runs["ddp"][name][rank]["broadcasts_per_pass"]
+            assert sum(broadcasts) == sum(ddp_runs["ddp"]["plain"][rank]["broadcasts_per_pass"]) > 0
+    # With `ddp_broadcast_buffers=False` the first pass runs no collective of any kind.
+    for rank in (0, 1):
+        run = ddp_runs["ddp"]["local-exact-no-buffer-broadcast"][rank]
+        assert run["broadcasts_per_pass"] == [0] * 8
+        assert [run["rounds_per_pass"][i] for i in first_passes["exact"]] == [0, 0, 0, 0]
+    same = ddp_runs["ddp"]["local-exact-no-buffer-broadcast"][0]["state"]
+    assert update_error(same, ddp_runs["ddp"]["local-exact"][0]["state"], ddp_runs["start"]) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Trains the same tiny Llama with the plain Trainer and with SAMTrainer in every `sam_sync` x `sam_accumulation`
 combination on one fixed global batch per step (a sequential sampler: rank r's micro-batch i is the r-th slice of
-the single-process micro-batch i). Each rank saves, per run, its final weights and the number of gradient all-reduce
-rounds that each call of the Trainer's `training_step` (one SAM pass) triggered, counted by a DDP comm hook.
+the single-process micro-batch i). Each rank saves, per run, its final weights and, for each call of the Trainer's
+`training_step` (one SAM pass), the gradient all-reduce rounds it triggered (counted by a DDP comm hook) and DDP's
+buffer broadcasts.
 
 Usage: torchrun --nproc_per_node N ddp_trainer.py OUT_DIR [--global-batch 4] [--accumulation-steps 2] [--steps 2]
 """
@@ -24,13 +25,32 @@ from conftest import base_args, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam import SAMMixin, SAMTrainingArguments  # noqa: E402
 
-RUNS = {  # name: (sam_sync, sam_accumulation), None for the plain Trainer
+RUNS = {  # name: (sam_sync, sam_accumulation, ddp_broadcast_buffers), None for the plain Trainer
     "plain": None,
-    "global-exact": ("global", "exact"),
-    "global-micro": ("global", "micro"),
-    "local-exact": ("local", "exact"),
-    "local-micro": ("local", "micro"),
+    "global-exact": ("global", "exact", None),
+    "global-micro": ("global", "micro", None),
+    "local-exact": ("local", "exact", None),
+    "local-micro": ("local", "micro", None),
+    # DDP broadcasts module buffers (here the rotary `inv_freq`) at every forward unless told not to.
+    "local-exact-no-buffer-broadcast": ("local", "exact", False),
 }
+
+
+class BroadcastCounter:
+    """Counts DDP's forward-time buffer broadcasts (every DDP instance broadcasts through this method)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        original = torch.nn.parallel.DistributedDataParallel._distributed_broadcast_coalesced
+
+        def counting_broadcast(ddp, *args, **kwargs):
+            self.calls += 1
+            return original(ddp, *args, **kwargs)
+
+        torch.nn.parallel.DistributedDataParallel._distributed_broadcast_coalesced = counting_broadcast
+
+
+BROADCASTS = BroadcastCounter()
 
 
 class AllReduceCounter:
@@ -57,11 +77,13 @@ class PassRecorder(Trainer):
         super().__init__(*args, **kwargs)
         self.counter = counter
         self.rounds_per_pass: list[int] = []
+        self.broadcasts_per_pass: list[int] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        before = self.counter.rounds
+        rounds, broadcasts = self.counter.rounds, BROADCASTS.calls
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.rounds_per_pass.append(self.counter.rounds - before)
+        self.rounds_per_pass.append(self.counter.rounds - rounds)
+        self.broadcasts_per_pass.append(BROADCASTS.calls - broadcasts)
         return loss
 
 
@@ -96,7 +118,7 @@ def run(name: str, out: Path, world_size: int, global_batch: int, accumulation_s
         logging_steps=steps,
     )
     if sam is not None:
-        kwargs.update(sam_rho=0.5, sam_sync=sam[0], sam_accumulation=sam[1])
+        kwargs.update(sam_rho=0.5, sam_sync=sam[0], sam_accumulation=sam[1], ddp_broadcast_buffers=sam[2])
     args = SAMTrainingArguments(**kwargs)
     counter = AllReduceCounter()
     holder: list = []
@@ -113,7 +135,12 @@ def run(name: str, out: Path, world_size: int, global_batch: int, accumulation_s
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     rank = trainer.args.process_index
     torch.save(
-        {"state": state, "rounds_per_pass": trainer.rounds_per_pass, "world_size": world_size},
+        {
+            "state": state,
+            "rounds_per_pass": trainer.rounds_per_pass,
+            "broadcasts_per_pass": trainer.broadcasts_per_pass,
+            "world_size": world_size,
+        },
         out / f"{name}.rank{rank}.pt",
     )
 
