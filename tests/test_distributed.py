@@ -303,3 +303,25 @@ def test_norm_and_perturbation_group_mixed_dtypes():
 def test_norm_and_perturbation_across_devices(devices):
     # `device_map="auto"`-style placement; needs a second device (a GPU), so it skips on a CPU-only machine.
     check_norm_and_perturbation(devices)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ready-made Accelerate configs parse with Accelerate's own loader and describe supported setups.
+
+
+ACCELERATE_CONFIGS = REPO / "examples" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type, machines",
+    [("ddp_multi_gpu", "MULTI_GPU", 1), ("fsdp2", "FSDP", 1), ("multi_node", "MULTI_GPU", 2)],
+)
+def test_accelerate_configs_describe_supported_setups(name, distributed_type, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type.value == distributed_type
+    assert config.num_machines == machines and config.num_processes % machines == 0
+    assert not config.deepspeed_config and not config.use_cpu
+    if distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2  # FSDP1 is refused
