@@ -74,9 +74,28 @@ class _SAMMetrics:
         self.grad_norm: torch.Tensor | float = 0.0
         self.skipped: torch.Tensor | float = 0.0
         self.steps = 0  # optimizer steps with a perturbed pass since the last log
+        self.counted: torch.Tensor | float = 0.0  # of those, the steps in the loss sums (all, or the finite ones)
+        self.step_clean: torch.Tensor | float = 0.0  # the current step's losses, until `end_step`
+        self.step_perturbed: torch.Tensor | float = 0.0
         self.perturbations = 0  # one per step ("exact") or per micro-batch ("micro")
         self.rho_sum = 0.0
         self.rho_steps = 0
+
+    def end_step(self, nan_inf_filter: bool) -> None:
+        """Move the step's losses into the window sums; with the Trainer's `logging_nan_inf_filter`, a step whose
+        clean or perturbed loss is not finite is left out of them (on the device: no host sync)."""
+        clean, perturbed = self.step_clean, self.step_perturbed
+        if nan_inf_filter and isinstance(clean, torch.Tensor) and isinstance(perturbed, torch.Tensor):
+            finite = torch.isfinite(clean) & torch.isfinite(perturbed)
+            clean = torch.where(finite, clean, torch.zeros_like(clean))
+            perturbed = torch.where(finite, perturbed, torch.zeros_like(perturbed))
+            self.counted = self.counted + finite.float()
+        else:
+            self.counted = self.counted + 1.0
+        self.clean_loss = self.clean_loss + clean
+        self.perturbed_loss = self.perturbed_loss + perturbed
+        self.step_clean, self.step_perturbed = 0.0, 0.0
+        self.steps += 1
 
     def add_perturbation(self, norm: torch.Tensor, skipped: torch.Tensor) -> None:
         self.grad_norm = self.grad_norm + torch.where(skipped, torch.zeros_like(norm), norm)
@@ -92,16 +111,16 @@ class _SAMMetrics:
             values = torch.stack(
                 [
                     torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
-                    for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped)
+                    for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped, self.counted)
                 ]
             )
             if accelerator.num_processes > 1:
                 values = accelerator.reduce(values, reduction="mean")
-            clean, perturbed, norm, skipped = values.tolist()
+            clean, perturbed, norm, skipped, counted = values.tolist()
             unskipped = self.perturbations - skipped
             logs.update(
-                sam_perturbed_loss=perturbed / self.steps,
-                sam_sharpness=(perturbed - clean) / self.steps,
+                sam_perturbed_loss=perturbed / counted if counted > 0 else float("nan"),
+                sam_sharpness=(perturbed - clean) / counted if counted > 0 else float("nan"),
                 sam_grad_norm=norm / unskipped if unskipped > 0 else float("nan"),
                 sam_skipped=skipped / self.perturbations if self.perturbations else 0.0,
             )
@@ -224,12 +243,12 @@ class SAMMixin:
         # Micro-batches before the last are already inside the Trainer's `no_sync`.
         with gradient_sync(model, enabled=last and self.sam_config.sync == "global"):
             clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
-        self._sam_metrics.clean_loss = self._sam_metrics.clean_loss + clean_loss
+        self._sam_metrics.step_clean = self._sam_metrics.step_clean + clean_loss
         if not last:
             return clean_loss
         stash, self._sam_stash = self._sam_stash, []
         self._sam_second_pass(model, stash, num_items_in_batch, plan, accumulated_grads=None)
-        self._sam_metrics.steps += 1
+        self._sam_metrics.end_step(self.args.logging_nan_inf_filter)
         return clean_loss
 
     def _sam_micro_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
@@ -245,10 +264,10 @@ class SAMMixin:
             for p, g in zip(trainable, accumulated):
                 p.grad = g
             raise
-        self._sam_metrics.clean_loss = self._sam_metrics.clean_loss + clean_loss
+        self._sam_metrics.step_clean = self._sam_metrics.step_clean + clean_loss
         self._sam_second_pass(model, [(inputs, rng)], num_items_in_batch, plan, (trainable, accumulated))
         if self.accelerator.sync_gradients:
-            self._sam_metrics.steps += 1
+            self._sam_metrics.end_step(self.args.logging_nan_inf_filter)
         return clean_loss
 
     def _sam_first_pass(self, model, inputs, num_items_in_batch):
@@ -282,7 +301,7 @@ class SAMMixin:
                 restore_rng_state(rng)  # same dropout masks as the clean pass
                 with gradient_sync(model, enabled=last and i == len(stash) - 1):
                     perturbed_loss = super().training_step(model, micro_inputs, num_items_in_batch)
-                self._sam_metrics.perturbed_loss = self._sam_metrics.perturbed_loss + perturbed_loss
+                self._sam_metrics.step_perturbed = self._sam_metrics.step_perturbed + perturbed_loss
             # The RNG now stands where one full pass over the micro-batches leaves it: as if SAM were off.
         except BaseException:
             model.zero_grad(set_to_none=True)  # a half-accumulated SAM gradient must not reach the optimizer
