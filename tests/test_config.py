@@ -75,3 +75,17 @@ def test_optimizers_that_step_inside_backward_are_refused(tmp_path, optim):
 def test_sam_config_must_be_a_sam_config(tmp_path):
     with pytest.raises(TypeError, match="`sam_config` must be a `SAMConfig`, got dict"):
         SAMTrainer(model=tiny_llama(), args=TrainingArguments(**base_args(tmp_path)), sam_config={"rho": 0.1})
+
+
+def test_sam_arguments_mirror_sam_config():
+    """Every SAMConfig field has a `sam_`-prefixed argument with the same type, default and help."""
+    import dataclasses
+
+    from hf_sam import SAMArguments
+
+    config_fields = {f.name: f for f in dataclasses.fields(SAMConfig)}
+    argument_fields = {f.name: f for f in dataclasses.fields(SAMArguments)}
+    assert set(argument_fields) == {f"sam_{name}" for name in config_fields}
+    for name, f in config_fields.items():
+        twin = argument_fields[f"sam_{name}"]
+        assert (twin.type, twin.default, twin.metadata["help"]) == (f.type, f.default, f.metadata["help"]), name
