@@ -80,12 +80,16 @@ def test_sam_config_must_be_a_sam_config(tmp_path):
 def test_sam_arguments_mirror_sam_config():
     """Every SAMConfig field has a `sam_`-prefixed argument with the same type, default and help."""
     import dataclasses
+    import typing
 
     from hf_sam import SAMArguments
 
     config_fields = {f.name: f for f in dataclasses.fields(SAMConfig)}
     argument_fields = {f.name: f for f in dataclasses.fields(SAMArguments)}
+    # Resolved types: HfArgumentParser replaces string annotations on the fields in place.
+    config_types, argument_types = typing.get_type_hints(SAMConfig), typing.get_type_hints(SAMArguments)
     assert set(argument_fields) == {f"sam_{name}" for name in config_fields}
     for name, f in config_fields.items():
         twin = argument_fields[f"sam_{name}"]
-        assert (twin.type, twin.default, twin.metadata["help"]) == (f.type, f.default, f.metadata["help"]), name
+        assert argument_types[twin.name] == config_types[name], name
+        assert (twin.default, twin.metadata["help"]) == (f.default, f.metadata["help"]), name
