@@ -1,0 +1,180 @@
+"""Every row of docs/errors.md, run: the setting it names raises exactly the error the page shows.
+
+The page is the specification: each table row carries an id, and `CASES` below holds, under the same id, the code that
+builds that setting. A row without a case, a case without a row, or a message that differs by one character fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import base_args, lm_dataset, tiny_llama
+from transformers import TrainingArguments
+
+from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+from hf_sam.distributed import unsupported_setup_reason
+from hf_sam.perturbation import global_norm
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+# | `id` | setting | `ValueError` | `` message `` |
+ROW = re.compile(r"^\| `(?P<id>[a-z0-9-]+)` \| (?P<setting>.*?) \| `(?P<type>\w+)` \| `` (?P<message>.*) `` \|$")
+
+
+def doc_rows() -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in DOCS.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            assert match["id"] not in rows, f"duplicate id {match['id']} in {DOCS.name}"
+            rows[match["id"]] = (match["type"], match["message"].replace("\\|", "|"))
+    return rows
+
+
+def _args(tmp_path, **kwargs):
+    return SAMTrainingArguments(**base_args(tmp_path), **kwargs)
+
+
+def _trainer(tmp_path, model=None, args=None, **kwargs):
+    args = args if args is not None else _args(tmp_path)
+    return SAMTrainer(
+        model=model if model is not None else tiny_llama(), args=args, train_dataset=lm_dataset(), **kwargs
+    )
+
+
+def _lora(target_modules=("q_proj", "v_proj")):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(target_modules))
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def _lora_with_trainable_base():
+    model = _lora()
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    return model
+
+
+def _fsdp_setup(version, accumulation="exact", sync="global", accumulation_steps=1):
+    # The decision the mixin takes right after `Trainer.__init__`, fed with the Accelerator state of an FSDP run
+    # (a multi-process FSDP launch is out of the fast suite; tests/test_distributed.py runs FSDP2 for real).
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
+    trainer = SimpleNamespace(
+        is_deepspeed_enabled=False,
+        accelerator=SimpleNamespace(state=state),
+        sam_config=SAMConfig(accumulation=accumulation, sync=sync),
+        args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps),
+    )
+    reason = unsupported_setup_reason(trainer)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _without_module(monkeypatch, blocked, then):
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
+    return then()
+
+
+def _import_hf_sam_trl(monkeypatch):
+    monkeypatch.delitem(sys.modules, "hf_sam.trl", raising=False)
+    monkeypatch.setitem(sys.modules, "trl", None)
+    importlib.import_module("hf_sam.trl")
+
+
+NAN, INF = float("nan"), float("inf")
+
+# Rows about one `SAMConfig`: id -> its keyword arguments (the `sam_*` fields and `--sam_*` flags give the same
+# messages: `test_sam_arguments_give_the_same_message`).
+CONFIG_CASES = {
+    "rho-zero": dict(rho=0.0),
+    "rho-negative": dict(rho=-0.05),
+    "rho-nan": dict(rho=NAN),
+    "rho-inf": dict(rho=INF),
+    "rho-string": dict(rho="0.05"),
+    "eta-negative": dict(eta=-0.01),
+    "eta-nan": dict(eta=NAN),
+    "adaptive-not-bool": dict(adaptive="yes"),
+    "accumulation-unknown": dict(accumulation="sum"),
+    "sync-unknown": dict(sync="none"),
+    "method-unknown": dict(method="esam"),
+    "looksam-interval-zero": dict(looksam_interval=0),
+    "looksam-interval-float": dict(looksam_interval=2.5),
+    "looksam-alpha-negative": dict(looksam_alpha=-0.7),
+    "start-fraction-one": dict(start_fraction=1.0),
+    "start-fraction-negative": dict(start_fraction=-0.1),
+    "interval-zero": dict(interval=0),
+    "ascent-fraction-zero": dict(ascent_fraction=0.0),
+    "ascent-fraction-above-one": dict(ascent_fraction=1.5),
+    "rho-schedule-unknown": dict(rho_schedule="linear"),
+    "rho-min-negative": dict(rho_min=-0.01),
+    "rho-min-above-rho": dict(rho=0.05, rho_min=0.1),
+    "looksam-adaptive": dict(method="looksam", adaptive=True),
+    "looksam-micro": dict(method="looksam", accumulation="micro"),
+    "looksam-local": dict(method="looksam", sync="local"),
+    "looksam-interval": dict(method="looksam", interval=2),
+    "flat-lora-adaptive": dict(method="flat_lora", adaptive=True),
+    "flat-lora-ascent-fraction": dict(method="flat_lora", ascent_fraction=0.5),
+}
+
+# Every row: id -> code that builds its setting (tmp_path, monkeypatch).
+CASES = {
+    **{case_id: (lambda t, m, kw=kw: SAMConfig(**kw)) for case_id, kw in CONFIG_CASES.items()},
+    # Arguments and trainer construction
+    "deepspeed": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 2}}),
+    "fsdp1": lambda t, m: _fsdp_setup(1),
+    "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
+    "fsdp-micro": lambda t, m: _fsdp_setup(2, accumulation="micro", accumulation_steps=2),
+    "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
+    "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
+    "sam-config-type": lambda t, m: _trainer(t, args=TrainingArguments(**base_args(t)), sam_config={"rho": 0.1}),
+    "flat-lora-no-lora": lambda t, m: _trainer(t, args=_args(t, sam_method="flat_lora")),
+    "flat-lora-trainable-base": lambda t, m: _trainer(
+        t, model=_lora_with_trainable_base(), args=_args(t, sam_method="flat_lora")
+    ),
+    "flat-lora-embedding-base": lambda t, m: _trainer(
+        t, model=_lora(["embed_tokens"]), args=_args(t, sam_method="flat_lora")
+    ),
+    "flat-lora-no-peft": lambda t, m: _without_module(
+        m, "peft.tuners.lora", lambda: _trainer(t, args=_args(t, sam_method="flat_lora"))
+    ),
+    "trl-missing": lambda t, m: _import_hf_sam_trl(m),
+    # Functions
+    "global-norm-empty": lambda t, m: global_norm([]),
+}
+
+
+def test_every_row_has_a_case_and_every_case_a_row():
+    rows = doc_rows()
+    assert len(rows) >= 30, f"the table in {DOCS.name} did not parse"
+    assert set(rows) == set(CASES)
+
+
+def test_every_sam_config_field_has_a_row():
+    text = DOCS.read_text()
+    for f in fields(SAMConfig):
+        assert f"SAMConfig({f.name}=" in text or f"sam_{f.name}" in text, f.name
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_documented_error(case_id, tmp_path, monkeypatch):
+    rows = doc_rows()
+    assert case_id in rows, f"no row `{case_id}` in {DOCS.name}"
+    error_type, message = rows[case_id]
+    with pytest.raises(BaseException) as info:
+        CASES[case_id](tmp_path, monkeypatch)
+    assert type(info.value).__name__ == error_type
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("case_id", sorted(CONFIG_CASES))
+def test_sam_arguments_give_the_same_message(case_id, tmp_path):
+    """The `SAMConfig(...)` rows hold for `SAMTrainingArguments(sam_...=...)` (and so the `--sam_*` flags) too."""
+    with pytest.raises(ValueError) as config_error:
+        SAMConfig(**CONFIG_CASES[case_id])
+    with pytest.raises(ValueError) as args_error:
+        _args(tmp_path, **{f"sam_{k}": v for k, v in CONFIG_CASES[case_id].items()})
+    assert str(args_error.value) == str(config_error.value)
