@@ -7,6 +7,7 @@ batch. They are marked `slow`; `make test` (CI) runs them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -199,6 +200,44 @@ def test_fsdp2_comparison_catches_a_per_shard_norm(fsdp2_runs):
     # The control normalises e by each rank's own shard: the comparison above must be able to see that.
     run = fsdp2_runs["sam-ga2-shard-norm"]
     assert update_error(run["sharded"], run["unsharded"], run["initial"]) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 through the Trainer: Accelerate's own FSDP2 preparation, forced on CPU (see the script's docstring).
+
+
+@pytest.fixture(scope="module")
+def fsdp2_trainer_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2-trainer")
+    launch("fsdp2_trainer.py", root, nproc=2)
+    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
+    return {
+        "plain": load(root / "fsdp2-plain.pt"),
+        "global-exact": load(root / "fsdp2-global-exact.pt"),
+        "refusals": json.loads((root / "refusals.json").read_text()),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["plain", "global-exact"])
+def test_fsdp2_trainer_equals_the_single_process_run(fsdp2_trainer_runs, ddp_runs, name):
+    run = fsdp2_trainer_runs[name]
+    assert run["world_size"] == 2 and run["wrapped"].startswith("FSDP") and run["dtensor_params"]
+    want = ddp_runs["single"][name]["state"]
+    assert set(run["state"]) == set(want)
+    assert update_error(run["state"], want, ddp_runs["start"]) < 1e-5
+    if name != "plain":
+        assert update_error(run["state"], ddp_runs["single"]["plain"]["state"], ddp_runs["start"]) > 1e-2
+
+
+@pytest.mark.slow
+def test_fsdp_refusals_through_the_trainer(fsdp2_trainer_runs):
+    assert fsdp2_trainer_runs["refusals"] == {
+        "fsdp1": FSDP1_UNSUPPORTED,
+        "fsdp2-local": FSDP_LOCAL_UNSUPPORTED,
+        "fsdp2-micro-ga2": FSDP_MICRO_UNSUPPORTED,
+        "fsdp2-global-exact": None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

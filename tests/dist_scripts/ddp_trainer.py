@@ -104,7 +104,10 @@ class RegisterHook(TrainerCallback):
             wrapped.register_comm_hook(state=None, hook=self.counter.hook())
 
 
-def run(name: str, out: Path, world_size: int, global_batch: int, accumulation_steps: int, steps: int) -> None:
+def training_arguments(
+    name: str, out: Path, world_size: int, global_batch: int, accumulation_steps: int, steps: int
+) -> SAMTrainingArguments:
+    """The arguments of run `name`: per-device batch global_batch / world_size, sequential data, SGD."""
     sam = RUNS[name]
     kwargs = base_args(
         out / f"trainer-{name}",
@@ -119,7 +122,12 @@ def run(name: str, out: Path, world_size: int, global_batch: int, accumulation_s
     )
     if sam is not None:
         kwargs.update(sam_rho=0.5, sam_sync=sam[0], sam_accumulation=sam[1], ddp_broadcast_buffers=sam[2])
-    args = SAMTrainingArguments(**kwargs)
+    return SAMTrainingArguments(**kwargs)
+
+
+def run(name: str, out: Path, world_size: int, global_batch: int, accumulation_steps: int, steps: int) -> None:
+    sam = RUNS[name]
+    args = training_arguments(name, out, world_size, global_batch, accumulation_steps, steps)
     counter = AllReduceCounter()
     holder: list = []
     cls = PassRecorder if sam is None else SAMPassRecorder
