@@ -30,9 +30,11 @@ __all__ = ["WeightBackup", "global_norm", "perturb_", "restore_"]
 def _group_by_device(tensors: Sequence[torch.Tensor], with_dtype: bool = False) -> dict[Any, list[int]]:
     # foreach kernels and scalar tensors must share a device: model-parallel placements spread parameters out.
     # Groups keep first-seen order, so every process sums in the same order.
+    # DTensor shards and plain tensors cannot share a foreach kernel either (a partly sharded model, e.g. FSDP2's
+    # ignored modules): the key's last item keeps them apart.
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype) if with_dtype else t.device].append(i)
+        groups[((t.device, t.dtype) if with_dtype else t.device, hasattr(t, "to_local"))].append(i)
     return groups
 
 
@@ -56,7 +58,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         raise ValueError("global_norm needs at least one tensor.")
     home = tensors[0].device
     squares = []
-    for (_, dtype), idx in _group_by_device(tensors, with_dtype=True).items():
+    for ((_, dtype), _), idx in _group_by_device(tensors, with_dtype=True).items():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.promote_types(dtype, torch.float32))
         squared = torch.stack(norms).float().square().sum()
         if hasattr(squared, "full_tensor"):  # DTensor: a partial sum over shards, reduced across the mesh
@@ -101,7 +103,7 @@ def perturb_(
     if adaptive:
         torch._foreach_mul_(grads, params)  # grads <- T^2 g
         torch._foreach_copy_(params, backups)  # params <- w
-    for device, idx in _group_by_device(params).items():
+    for (device, _), idx in _group_by_device(params).items():
         device_grads = [grads[i] for i in idx]
         torch._foreach_mul_(device_grads, scale.to(device))  # grads <- e
         # A skipped step has 0 * inf = nan where g was not finite; e must be exactly 0 there, without a host sync.
