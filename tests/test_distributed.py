@@ -202,6 +202,15 @@ def test_fsdp2_comparison_catches_a_per_shard_norm(fsdp2_runs):
     assert update_error(run["sharded"], run["unsharded"], run["initial"]) > 1e-2
 
 
+@pytest.mark.slow
+def test_fsdp2_partly_sharded_model(fsdp2_runs):
+    # DTensor shards and plain tensors in one parameter list (e.g. FSDP2's ignored modules).
+    run = fsdp2_runs["partly-sharded"]
+    assert run["mixed"]
+    assert run["norm"] == pytest.approx(run["want"], rel=1e-6)
+    assert run["error"] < 1e-6 and run["exact"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FSDP2 through the Trainer: Accelerate's own FSDP2 preparation, forced on CPU (see the script's docstring).
 

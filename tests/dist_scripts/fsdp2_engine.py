@@ -84,6 +84,33 @@ def full_state(model) -> dict[str, torch.Tensor]:
     }
 
 
+def partly_sharded() -> dict[str, float | bool]:
+    """Only the first decoder layer sharded, the rest plain tensors: norm, w + e and restore against one process.
+
+    Every rank feeds the same batch, so the plain (unsynchronised) gradients agree across ranks.
+    """
+    ids = torch.tensor(lm_dataset(n=GLOBAL_BATCH, seed=1)["input_ids"])
+    model, reference = tiny_llama(seed=0), tiny_llama(seed=0)
+    fully_shard(model.model.layers[0])
+    for m in (model, reference):
+        m(input_ids=ids, labels=ids).loss.backward()
+    params, ref_params = list(model.parameters()), list(reference.parameters())
+    kinds = {isinstance(p, DTensor) for p in params}
+    w = [p.detach().clone() for p in ref_params]
+    g = [p.grad for p in ref_params]
+    want = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
+    backups = WeightBackup().buffers_for(params)
+    norm, _ = perturb_(params, backups, RHO)
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    error = max(float((full(p).detach() - (w0 + RHO * g0 / want)).abs().max()) for p, w0, g0 in zip(params, w, g))
+    restore_(params, backups)
+    exact = all(torch.equal(full(p).detach(), w0) for p, w0 in zip(params, w))
+    return {"mixed": kinds == {True, False}, "norm": float(norm), "want": float(want), "error": error, "exact": exact}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +143,7 @@ def main() -> None:
                 "reference_diagnostics": reference_diagnostics,
             }
         dist.barrier()
+    results["partly-sharded"] = partly_sharded()
     if rank == 0:
         torch.save(results, out / "fsdp2.pt")
     dist.destroy_process_group()
