@@ -58,6 +58,8 @@ def launch(script: str, out: Path, nproc: int | None) -> None:
     command += [str(SCRIPTS / script), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    if sys.platform.startswith("linux"):  # gloo on loopback: containers whose hostname resolves elsewhere
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     result = subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
     )
