@@ -84,7 +84,15 @@ def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     launch("ddp_trainer.py", root / "two", nproc=2)
     launch("ddp_trainer.py", root / "one", nproc=None)
-    names = ["plain", "global-exact", "global-micro", "local-exact", "local-micro", "local-exact-no-buffer-broadcast"]
+    names = [
+        "plain",
+        "global-exact",
+        "global-micro",
+        "local-exact",
+        "local-micro",
+        "local-exact-no-buffer-broadcast",
+        "global-exact-random",
+    ]
     load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
     return {
         "ddp": {n: [load(root / "two" / f"{n}.rank{r}.pt") for r in (0, 1)] for n in names},
@@ -115,6 +123,15 @@ def test_ddp_global_sync_equals_the_single_process_run(ddp_runs, accumulation):
     assert update_error(got, want, ddp_runs["start"]) < 1e-5
     # and SAM did something: the update is not the plain one
     assert update_error(got, ddp_runs["single"]["plain"]["state"], ddp_runs["start"]) > 1e-2
+
+
+@pytest.mark.slow
+def test_ddp_global_sync_equals_the_single_process_run_with_the_random_sampler(ddp_runs):
+    # The Trainer's default sampler: Accelerate draws one seeded permutation and deals its batches round-robin.
+    name = "global-exact-random"
+    got, want = ddp_runs["ddp"][name][0]["state"], ddp_runs["single"][name]["state"]
+    assert update_error(got, want, ddp_runs["start"]) < 1e-5
+    assert update_error(want, ddp_runs["single"]["global-exact"]["state"], ddp_runs["start"]) > 1e-2  # other data
 
 
 @pytest.mark.slow

@@ -25,14 +25,16 @@ from conftest import base_args, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam import SAMMixin, SAMTrainingArguments  # noqa: E402
 
-RUNS = {  # name: (sam_sync, sam_accumulation, ddp_broadcast_buffers), None for the plain Trainer
+RUNS = {  # name: SAMTrainingArguments overrides; None for the plain Trainer
     "plain": None,
-    "global-exact": ("global", "exact", None),
-    "global-micro": ("global", "micro", None),
-    "local-exact": ("local", "exact", None),
-    "local-micro": ("local", "micro", None),
+    "global-exact": dict(sam_sync="global", sam_accumulation="exact"),
+    "global-micro": dict(sam_sync="global", sam_accumulation="micro"),
+    "local-exact": dict(sam_sync="local", sam_accumulation="exact"),
+    "local-micro": dict(sam_sync="local", sam_accumulation="micro"),
     # DDP broadcasts module buffers (here the rotary `inv_freq`) at every forward unless told not to.
-    "local-exact-no-buffer-broadcast": ("local", "exact", False),
+    "local-exact-no-buffer-broadcast": dict(sam_sync="local", sam_accumulation="exact", ddp_broadcast_buffers=False),
+    # The Trainer's default (seeded) random sampler instead of the sequential one.
+    "global-exact-random": dict(sam_sync="global", sam_accumulation="exact", train_sampling_strategy="random"),
 }
 
 
@@ -121,7 +123,7 @@ def training_arguments(
         logging_steps=steps,
     )
     if sam is not None:
-        kwargs.update(sam_rho=0.5, sam_sync=sam[0], sam_accumulation=sam[1], ddp_broadcast_buffers=sam[2])
+        kwargs.update(sam_rho=0.5, **sam)
     return SAMTrainingArguments(**kwargs)
 
 
