@@ -39,7 +39,8 @@ _SUPPORTED = (
 )
 
 DEEPSPEED_UNSUPPORTED = (
-    "SAM does not support DeepSpeed (`deepspeed` is set). Accelerate's DeepSpeed backward runs `engine.step()` "
+    "SAM does not support DeepSpeed (set by `deepspeed` in the arguments or by an Accelerate DeepSpeed config). "
+    "Accelerate's DeepSpeed backward runs `engine.step()` "
     "right after `engine.backward()` at the accumulation boundary, so the optimizer would step on the clean gradient "
     "inside SAM's first pass; ZeRO-1/2 move the reduced gradients out of `.grad` into flat partitions and ZeRO-3 "
     "also partitions the weights, so the perturbation would have to be written into DeepSpeed's internal buffers. "

@@ -20,7 +20,7 @@ import torch
 from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
-from hf_sam import SAMConfig, SAMTrainer
+from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 from hf_sam.distributed import (
     DEEPSPEED_UNSUPPORTED,
     FSDP1_UNSUPPORTED,
@@ -309,10 +309,24 @@ def test_refusals_say_what_is_supported():
     assert "sam_accumulation='exact'" in FSDP_MICRO_UNSUPPORTED
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, stage):
-    # Plain TrainingArguments (no sam_* fields, so no check there): the mixin refuses before any training.
+@pytest.fixture
+def deepspeed_sandbox():
+    """Skip without DeepSpeed; afterwards undo what a DeepSpeed setup leaves behind in the process."""
     pytest.importorskip("deepspeed")
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)  # TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, deepspeed_sandbox, stage):
+    # Plain TrainingArguments (no sam_* fields, so no check there): the mixin refuses before any training.
     config = {
         "zero_optimization": {"stage": stage},
         "train_micro_batch_size_per_gpu": "auto",
@@ -321,6 +335,16 @@ def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, stage):
     args = TrainingArguments(**base_args(tmp_path), deepspeed=config)
     with pytest.raises(ValueError, match="does not support DeepSpeed"):
         SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), sam_config=SAMConfig())
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_deepspeed_from_an_accelerate_config_is_refused(tmp_path, monkeypatch, deepspeed_sandbox, stage):
+    # `accelerate launch` with a DeepSpeed config sets these variables; `SAMTrainingArguments` sees no `deepspeed`.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+    args = SAMTrainingArguments(**base_args(tmp_path))
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
 
 
 # ---------------------------------------------------------------------------------------------------------------
