@@ -338,12 +338,20 @@ def _landscape(args: argparse.Namespace) -> int:
             f"data: {Path(args.data).name}, {args.space} parameters, {args.normalization} normalisation, "
             f"seed {args.seed}"
         )
-    out = plot_landscapes(landscapes, args.out, title=args.title, subtitle=subtitle)
+    out = plot_landscapes(landscapes, args.out, title=args.title, subtitle=subtitle, relative=args.relative)
     for ls in landscapes:
-        i = int(torch.argmin(ls.losses.reshape(-1)))
-        print(f"{ls.label}: loss from {float(ls.losses.min()):.4f} to {float(ls.losses.max()):.4f} (min at #{i})")
+        flat = ls.losses.reshape(-1)
+        low, high = int(flat.argmin()), int(flat.argmax())
+        lowest = f"min {float(flat[low]):.4f} at {_point(ls, low)}"
+        print(f"{ls.label}: loss {lowest}, max {float(flat[high]):.4f} at {_point(ls, high)}")
     print(f"Wrote {out}")
     return 0
+
+
+def _point(ls: Any, index: int) -> str:
+    if ls.y is None:
+        return f"α={float(ls.x[index]):.3g}"
+    return f"(α, β)=({float(ls.x[index // len(ls.y)]):.3g}, {float(ls.y[index % len(ls.y)]):.3g})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--normalization", choices=("filter", "layer"), default="filter")
     ls.add_argument("--keep-1d", action="store_true", help="perturb biases/norm weights too (direction = weight)")
+    ls.add_argument("--relative", action="store_true", help="plot the rise above each model's own loss")
     ls.add_argument("--title")
     ls.set_defaults(func=_landscape)
     return parser
@@ -416,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
+    if args.no_progress:
+        logging.disable_progress_bar()  # transformers' own bars (weight loading) too
     try:
         args.records = load_examples(args.data)
         return args.func(args)

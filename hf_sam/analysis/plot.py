@@ -22,6 +22,7 @@ def plot_landscapes(
     *,
     title: str | None = None,
     subtitle: str | None = None,
+    relative: bool = False,
     dpi: int = 110,
 ) -> str:
     """Draw landscapes into a PNG: curves on one set of axes (1-D), or one contour panel per model (2-D).
@@ -32,6 +33,9 @@ def plot_landscapes(
         out (`str | os.PathLike`): The PNG path.
         title (`str`, *optional*): Figure title (a default describes the kind of landscape).
         subtitle (`str`, *optional*): A smaller second line (e.g. the data and the seed).
+        relative (`bool`, defaults to `False`): Plot L - L(w), the rise above each model's own loss (at the
+            origin; for an interpolation, at the first checkpoint), so that models with different losses compare
+            by shape. 2-D panels then share levels of the rise.
         dpi (`int`, defaults to `110`): Resolution.
 
     Returns:
@@ -46,11 +50,13 @@ def plot_landscapes(
     from matplotlib.figure import Figure
 
     labels = [ls.label or f"model {i + 1}" for i, ls in enumerate(landscapes)]
+    if relative:
+        landscapes = [_relative(ls) for ls in landscapes]
     if "random_2d" in kinds:
-        fig = _plot_2d(Figure, landscapes, labels)
+        fig = _plot_2d(Figure, landscapes, labels, relative)
         default = "Loss surface along two filter-normalised random directions"
     else:
-        fig = _plot_1d(Figure, landscapes, labels)
+        fig = _plot_1d(Figure, landscapes, labels, relative)
         default = (
             "Loss along the line between checkpoints"
             if kinds == {"interpolation"}
@@ -65,23 +71,37 @@ def plot_landscapes(
     return out
 
 
-def _plot_1d(figure: type, landscapes: Sequence[Landscape], labels: list[str]) -> Any:
+def _relative(ls: Landscape) -> Landscape:
+    if ls.kind == "interpolation":
+        i = int((ls.x - 0.0).abs().argmin())
+        origin = ls.losses[i]
+    elif ls.kind == "random_1d":
+        origin = ls.losses[int(ls.x.abs().argmin())]
+    else:
+        origin = ls.losses[int(ls.x.abs().argmin()), int(ls.y.abs().argmin())]
+    return Landscape(ls.kind, ls.x, ls.y, ls.losses - origin, ls.label)
+
+
+def _plot_1d(figure: type, landscapes: Sequence[Landscape], labels: list[str], relative: bool) -> Any:
     fig = figure(figsize=(7.0, 4.4), layout="constrained")
     ax = fig.subplots()
     for ls, label in zip(landscapes, labels):
         ax.plot(ls.x.numpy(), ls.losses.numpy(), marker="o", markersize=3, linewidth=1.8, label=label)
     kinds = {ls.kind for ls in landscapes}
     ax.set_xlabel(_AXIS["interpolation"] if kinds == {"interpolation"} else _AXIS["random_1d"])
-    ax.set_ylabel("loss")
-    if kinds == {"random_1d"}:
-        ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_ylabel("loss − loss at the weights" if relative else "loss")
+    marks = [0.0, 1.0] if kinds == {"interpolation"} else [0.0]
+    for i, mark in enumerate(marks):
+        name = "checkpoints" if kinds == {"interpolation"} else "trained weights"
+        ax.axvline(mark, color="0.5", linewidth=0.9, linestyle="--", label=name if i == 0 else None)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="model", fontsize=9)
+    ax.legend(fontsize=9)
     return fig
 
 
-def _plot_2d(figure: type, landscapes: Sequence[Landscape], labels: list[str]) -> Any:
+def _plot_2d(figure: type, landscapes: Sequence[Landscape], labels: list[str], relative: bool) -> Any:
     import numpy as np
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     n = len(landscapes)
     cols = min(n, 3)
@@ -92,20 +112,27 @@ def _plot_2d(figure: type, landscapes: Sequence[Landscape], labels: list[str]) -
     high = max(float(ls.losses.max()) for ls in landscapes)
     if not high > low:
         high = low + 1e-6
-    levels = np.linspace(low, high, 21)  # shared levels: the same colour is the same loss in every panel
+    # Shared levels (the same colour is the same loss in every panel), denser near the lowest loss, where the
+    # basins differ; the rims of a landscape are steep and would otherwise take all the levels.
+    levels = low + (high - low) * (np.geomspace(1.0, 101.0, 22) - 1.0) / 100.0
     filled = None
     for ax, ls, label in zip(axes.flat, landscapes, labels):
         x, y, z = ls.x.numpy(), ls.y.numpy(), ls.losses.numpy().T  # contour wants z[row = y, col = x]
         filled = ax.contourf(x, y, z, levels=levels, cmap="viridis")
-        lines = ax.contour(x, y, z, levels=levels[::4], colors="white", linewidths=0.6)
+        lines = ax.contour(x, y, z, levels=levels[1::3], colors="white", linewidths=0.6)
         ax.clabel(lines, fontsize=7, fmt="%.3g")
-        ax.plot([0.0], [0.0], marker="*", markersize=12, color="red", linestyle="none", label="trained weights w")
+        (star,) = ax.plot([0.0], [0.0], marker="*", markersize=12, color="red", linestyle="none")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("α  (direction 1)")
         ax.set_ylabel("β  (direction 2)")
         ax.set_aspect("equal")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.yaxis.set_major_locator(MaxNLocator(5))
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.colorbar(filled, ax=axes.ravel().tolist(), label="loss", shrink=0.9)
+    colorbar = fig.colorbar(
+        filled, ax=axes.ravel().tolist(), label="loss − loss at w" if relative else "loss", shrink=0.9
+    )
+    colorbar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    fig.legend([star], ["trained weights w (α = β = 0)"], loc="outside lower center", fontsize=9, frameon=False)
     return fig
