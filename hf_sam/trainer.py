@@ -31,7 +31,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from .config import SAMArguments, SAMConfig
-from .distributed import gradient_sync, unsupported_setup_reason
+from .distributed import defers_unsynchronised_gradients, gradient_sync, unsupported_setup_reason
 from .perturbation import WeightBackup, perturb_, restore_
 from .rng import RNGState, capture_rng_state, restore_rng_state
 from .variants import (
@@ -296,6 +296,9 @@ class SAMMixin:
                 for p, g in zip(*accumulated_grads):
                     p.grad = g
             last = self.accelerator.sync_gradients
+            # FSDP2 keeps an unsynchronised gradient inside FSDP, where the next micro-batch's (synchronised) clean
+            # pass would reduce it together with its own: in "micro" mode every perturbed pass synchronises there.
+            last = last or (accumulated_grads is not None and defers_unsynchronised_gradients(model))
             self._sam_in_perturbed_pass = True
             for i, (micro_inputs, rng) in enumerate(stash):
                 restore_rng_state(rng)  # same dropout masks as the clean pass
