@@ -14,9 +14,10 @@ Gradient all-reduce rounds per optimizer step under DDP, with k = `gradient_accu
 | `"local"` | 1 | 1 |
 
 FSDP2 (`fully_shard`) is supported with `sync="global"`; its gradients are `DTensor` shards, the norm is reduced
-across the mesh (`perturbation.global_norm`) and the perturbation and the restore act on the local shards. Refused,
-each with its reason in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`, FSDP with `accumulation="micro"` and
-gradient accumulation.
+across the mesh (`perturbation.global_norm`) and the perturbation and the restore act on the local shards. With
+`accumulation="micro"` and gradient accumulation under FSDP2 every perturbed pass synchronises (2k reduce-scatters per
+step instead of k + 1), because FSDP2 keeps unsynchronised gradients inside the wrapper. Refused, each with its reason
+in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DEEPSPEED_UNSUPPORTED", "gradient_sync", "unsupported_setup_reason"]
+__all__ = ["DEEPSPEED_UNSUPPORTED", "defers_unsynchronised_gradients", "gradient_sync", "unsupported_setup_reason"]
 
 _SUPPORTED = (
     "Supported: single device, DDP and FSDP2 (`fsdp_version: 2`, with `sam_sync='global'`) through `accelerate "
@@ -56,12 +57,6 @@ FSDP_LOCAL_UNSUPPORTED = (
     "`sam_sync='local'` cannot work with FSDP: the weights are sharded across processes, so there is no per-process "
     "copy to perturb with a per-process gradient, and FSDP2 without gradient synchronisation leaves the sharded "
     "`.grad` empty (the unsynchronised gradient would leak into the second pass). Use `sam_sync='global'`."
-)
-
-FSDP_MICRO_UNSUPPORTED = (
-    "`sam_accumulation='micro'` with `gradient_accumulation_steps > 1` cannot work with FSDP2: the perturbed "
-    "gradient of one micro-batch waits unsharded inside FSDP and would be reduced together with the next "
-    "micro-batch's clean gradient. Use `sam_accumulation='exact'` (the default) or `gradient_accumulation_steps=1`."
 )
 
 
@@ -97,6 +92,21 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         fsdp_modules[0].set_requires_gradient_sync(True)
 
 
+def defers_unsynchronised_gradients(model: nn.Module) -> bool:
+    """Whether a backward without synchronisation leaves its gradient inside the wrapper instead of in `.grad`.
+
+    True for FSDP2: the unsharded gradient waits in FSDP and is reduced together with the next synchronising
+    backward's. SAM's `accumulation="micro"` then synchronises every perturbed pass, so that the next micro-batch's
+    clean gradient (the one it perturbs with) is its own. DDP accumulates in `.grad`, which SAM sets aside.
+
+    Args:
+        model (`nn.Module`): The model as the Trainer passes it to `training_step`.
+    """
+    if not torch.distributed.is_initialized():
+        return False
+    return any(hasattr(m, "set_requires_gradient_sync") for m in model.modules())
+
+
 def _fsdp_version(trainer: Any) -> int | None:
     """The FSDP version the Trainer's Accelerator shards with, or `None` without FSDP."""
     accelerator = getattr(trainer, "accelerator", None)
@@ -110,8 +120,8 @@ def unsupported_setup_reason(trainer: Any) -> str | None:
     """Why SAM cannot run with this Trainer's distributed setup, or `None` when it can.
 
     Args:
-        trainer: A Trainer with a `sam_config`, after `Trainer.__init__` (it reads `is_deepspeed_enabled`, the
-            Accelerator's FSDP plugin and `args.gradient_accumulation_steps`).
+        trainer: A Trainer with a `sam_config`, after `Trainer.__init__` (it reads `is_deepspeed_enabled` and the
+            Accelerator's FSDP plugin).
 
     Returns:
         `str | None`: the message of the `ValueError` that the mixin raises at construction.
@@ -126,6 +136,4 @@ def unsupported_setup_reason(trainer: Any) -> str | None:
     sam_config = trainer.sam_config
     if sam_config.sync == "local":
         return FSDP_LOCAL_UNSUPPORTED
-    if sam_config.accumulation == "micro" and trainer.args.gradient_accumulation_steps > 1:
-        return FSDP_MICRO_UNSUPPORTED
     return None

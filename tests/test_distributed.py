@@ -25,7 +25,6 @@ from hf_sam.distributed import (
     DEEPSPEED_UNSUPPORTED,
     FSDP1_UNSUPPORTED,
     FSDP_LOCAL_UNSUPPORTED,
-    FSDP_MICRO_UNSUPPORTED,
     unsupported_setup_reason,
 )
 from hf_sam.perturbation import global_norm, perturb_, restore_
@@ -239,15 +238,12 @@ def fsdp2_trainer_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2-trainer")
     launch("fsdp2_trainer.py", root, nproc=2)
     load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
-    return {
-        "plain": load(root / "fsdp2-plain.pt"),
-        "global-exact": load(root / "fsdp2-global-exact.pt"),
-        "refusals": json.loads((root / "refusals.json").read_text()),
-    }
+    runs = {name: load(root / f"fsdp2-{name}.pt") for name in ("plain", "global-exact", "global-micro")}
+    return {**runs, "refusals": json.loads((root / "refusals.json").read_text())}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["plain", "global-exact"])
+@pytest.mark.parametrize("name", ["plain", "global-exact", "global-micro"])
 def test_fsdp2_trainer_equals_the_single_process_run(fsdp2_trainer_runs, ddp_runs, name):
     run = fsdp2_trainer_runs[name]
     assert run["world_size"] == 2 and run["wrapped"].startswith("FSDP") and run["dtensor_params"]
@@ -263,7 +259,7 @@ def test_fsdp_refusals_through_the_trainer(fsdp2_trainer_runs):
     assert fsdp2_trainer_runs["refusals"] == {
         "fsdp1": FSDP1_UNSUPPORTED,
         "fsdp2-local": FSDP_LOCAL_UNSUPPORTED,
-        "fsdp2-micro-ga2": FSDP_MICRO_UNSUPPORTED,
+        "fsdp2-micro-ga2": None,  # every perturbed pass synchronises instead
         "fsdp2-global-exact": None,
     }
 
@@ -294,7 +290,7 @@ def fake_trainer(fsdp_version=None, deepspeed=False, sync="global", accumulation
         (dict(fsdp_version=2, accumulation_steps=4), None),
         (dict(fsdp_version=2, accumulation="micro"), None),  # no accumulation: micro is exact
         (dict(fsdp_version=2, sync="local"), FSDP_LOCAL_UNSUPPORTED),
-        (dict(fsdp_version=2, accumulation="micro", accumulation_steps=2), FSDP_MICRO_UNSUPPORTED),
+        (dict(fsdp_version=2, accumulation="micro", accumulation_steps=2), None),
     ],
 )
 def test_unsupported_setup_reason(setup, reason):
@@ -306,7 +302,6 @@ def test_refusals_say_what_is_supported():
         assert "Supported: single device, DDP and FSDP2" in message
     assert "engine.step()" in DEEPSPEED_UNSUPPORTED and "ZeRO-3" in DEEPSPEED_UNSUPPORTED
     assert "sam_sync='global'" in FSDP_LOCAL_UNSUPPORTED
-    assert "sam_accumulation='exact'" in FSDP_MICRO_UNSUPPORTED
 
 
 @pytest.fixture
