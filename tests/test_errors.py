@@ -128,7 +128,6 @@ CASES = {
     "deepspeed": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 2}}),
     "fsdp1": lambda t, m: _fsdp_setup(1),
     "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
-    "fsdp-micro": lambda t, m: _fsdp_setup(2, accumulation="micro", accumulation_steps=2),
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
     "sam-config-type": lambda t, m: _trainer(t, args=TrainingArguments(**base_args(t)), sam_config={"rho": 0.1}),
