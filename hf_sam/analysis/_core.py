@@ -419,18 +419,16 @@ class Evaluator:
                 if not live:  # the loss is linear in every parameter here: H = 0 on this batch
                     continue
                 with torch.enable_grad():
-                    dot = sum((gs[i] * vec[i].to(gs[i].dtype)).sum(dtype=torch.float32) for i in live)
+                    home = gs[live[0]].device
+                    inner = sum(
+                        (gs[i] * vec[i].to(gs[i].device, gs[i].dtype)).sum(dtype=torch.float32).to(home) for i in live
+                    )
                     hv = torch.autograd.grad(
-                        dot, [self.params[i] for i in live], retain_graph=k < count - 1, allow_unused=True
+                        inner, [self.params[i] for i in live], retain_graph=k < count - 1, allow_unused=True
                     )
                 if make:
-                    forms[k] += w * float(
-                        sum(
-                            torch.vdot(h.reshape(-1).float(), vec[i].reshape(-1)).cpu()
-                            for i, h in zip(live, hv)
-                            if h is not None
-                        )
-                    )
+                    pairs = [(h, vec[i]) for i, h in zip(live, hv) if h is not None]
+                    forms[k] += w * dot([h for h, _ in pairs], [v for _, v in pairs])
                 else:
                     for i, h in zip(live, hv):
                         if h is not None:
@@ -442,8 +440,12 @@ class Evaluator:
 
 # ---- vector helpers (lists of tensors) ---------------------------------------------------------------------------
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """Sum of elementwise products of two tensor lists, as a Python float."""
-    return float(sum(torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()).cpu().double() for x, y in zip(a, b)))
+    """Sum of elementwise products of two tensor lists, as a Python float (one host sync per device)."""
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for x, y in zip(a, b):
+        value = torch.vdot(x.reshape(-1).float(), y.reshape(-1).to(x.device).float())
+        per_device.setdefault(value.device, []).append(value)
+    return float(sum(float(torch.stack(values).double().sum()) for values in per_device.values()))
 
 
 def norm(a: Sequence[torch.Tensor]) -> float:
