@@ -259,6 +259,7 @@ def _sharpness(args: argparse.Namespace) -> int:
         if args.hessian:
             eig = hessian_eigenvalues(model, batches, k=args.top_k, max_iter=args.max_iter, seed=args.seed, **common)
             row["hessian_eigenvalues"] = eig.eigenvalues
+            row["hessian_converged"] = eig.converged
         if args.trace:
             tr = hessian_trace(model, batches, samples=args.trace_samples, seed=args.seed, **common)
             row["hessian_trace"], row["hessian_trace_std_error"] = tr.trace, tr.std_error
@@ -274,13 +275,19 @@ def _sharpness(args: argparse.Namespace) -> int:
     for r in results:
         cells = [r["model"], f"{r['loss']:.4f}", f"{r['sharpness']:.5f}", f"{r['perturbed_loss']:.4f}"]
         if args.hessian:
-            cells.append(", ".join(f"{v:.4g}" for v in r["hessian_eigenvalues"]))
+            values = zip(r["hessian_eigenvalues"], r["hessian_converged"])
+            cells.append(", ".join(f"{v:.4g}{'' if ok else '*'}" for v, ok in values))
         if args.trace:
             se = r["hessian_trace_std_error"]
             cells.append(f"{r['hessian_trace']:.4g} ± {se:.2g}" if math.isfinite(se) else f"{r['hessian_trace']:.4g}")
         rows.append(cells)
     print(f"Sharpness on {args.data} ({args.space} parameters)")
     print(_format_table(header, rows))
+    if args.hessian and not all(all(r["hessian_converged"]) for r in results):
+        print(
+            f"* power iteration did not settle in {args.max_iter} iterations (raise --max-iter; it is slow when two "
+            "eigenvalues have nearly the same magnitude)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
