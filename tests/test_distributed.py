@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,11 +60,18 @@ def launch(script: str, out: Path, nproc: int | None) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     if sys.platform.startswith("linux"):  # gloo on loopback: containers whose hostname resolves elsewhere
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
+    # A session of its own, so that a hang takes the launcher's worker processes down with it.
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited with {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}")
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} ran past {LAUNCH_TIMEOUT_S} s:\n{output[-6000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited with {process.returncode}:\n{output[-6000:]}")
 
 
 def update_error(got: dict, want: dict, start: dict) -> float:
