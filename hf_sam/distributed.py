@@ -136,4 +136,9 @@ def unsupported_setup_reason(trainer: Any) -> str | None:
     sam_config = trainer.sam_config
     if sam_config.sync == "local":
         return FSDP_LOCAL_UNSUPPORTED
+    if sam_config.accumulation == "micro" and trainer.args.gradient_accumulation_steps > 1:
+        logger.info(
+            "FSDP2 with `sam_accumulation='micro'` and gradient accumulation: every perturbed pass synchronises "
+            "(2 reduce-scatters per micro-batch), since FSDP2 holds unsynchronised gradients inside the wrapper."
+        )
     return None
