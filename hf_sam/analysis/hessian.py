@@ -180,7 +180,15 @@ def hessian_eigenvalues(
                 vectors.append(v)
     finally:
         bar.close()
-    return HessianEigenResult(eigenvalues, iterations, converged, vectors if return_eigenvectors else None)
+    # Deflation finds them in decreasing magnitude only up to the tolerance: when two magnitudes nearly tie, the
+    # first run can stop early on the smaller one. Report them sorted.
+    order = sorted(range(k), key=lambda i: -abs(eigenvalues[i]))
+    return HessianEigenResult(
+        [eigenvalues[i] for i in order],
+        [iterations[i] for i in order],
+        [converged[i] for i in order],
+        [vectors[i] for i in order] if return_eigenvectors else None,
+    )
 
 
 def hessian_trace(
