@@ -84,12 +84,15 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     if not fsdp_modules or not torch.distributed.is_initialized():
         yield
         return
-    fsdp_modules[0].set_requires_gradient_sync(enabled)  # recurses into the sub-modules
+    # Every FSDP module by itself: the root is not always one (a model sharded only in some sub-modules).
+    for module in fsdp_modules:
+        module.set_requires_gradient_sync(enabled, recurse=False)
     try:
         yield
     finally:
         # The Trainer wraps every micro-batch but the last in `no_sync`; sync is on again by its next backward.
-        fsdp_modules[0].set_requires_gradient_sync(True)
+        for module in fsdp_modules:
+            module.set_requires_gradient_sync(True, recurse=False)
 
 
 def defers_unsynchronised_gradients(model: nn.Module) -> bool:

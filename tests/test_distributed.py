@@ -237,6 +237,12 @@ def test_fsdp2_partly_sharded_model(fsdp2_runs):
     assert run["error"] < 1e-6 and run["exact"]
 
 
+@pytest.mark.slow
+def test_fsdp2_gradient_sync_reaches_every_sharded_module(fsdp2_runs):
+    run = fsdp2_runs["sync-switch"]
+    assert run["layers"] > 1 and run["off"] and run["on"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FSDP2 through the Trainer: Accelerate's own FSDP2 preparation, forced on CPU (see the script's docstring).
 

@@ -111,6 +111,22 @@ def partly_sharded() -> dict[str, float | bool]:
     return {"mixed": kinds == {True, False}, "norm": float(norm), "want": float(want), "error": error, "exact": exact}
 
 
+def sync_switch() -> dict[str, bool]:
+    """`gradient_sync` on a model whose root is not sharded: it must reach every sharded sub-module."""
+    ids = torch.tensor(lm_dataset(n=GLOBAL_BATCH, seed=1)["input_ids"])
+    model = tiny_llama(seed=0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    with gradient_sync(model, enabled=False):
+        model(input_ids=ids, labels=ids).loss.backward()
+    off = all(p.grad is None for p in sharded)  # nothing reduce-scattered: the gradients wait inside FSDP
+    with gradient_sync(model, enabled=True):
+        model(input_ids=ids, labels=ids).loss.backward()
+    on = all(p.grad is not None for p in sharded)
+    return {"layers": len(model.model.layers), "off": off, "on": on}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +160,7 @@ def main() -> None:
             }
         dist.barrier()
     results["partly-sharded"] = partly_sharded()
+    results["sync-switch"] = sync_switch()
     if rank == 0:
         torch.save(results, out / "fsdp2.pt")
     dist.destroy_process_group()
