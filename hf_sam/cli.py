@@ -432,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
+    bars_were_on = logging.is_progress_bar_enabled()
     if args.no_progress:
         logging.disable_progress_bar()  # transformers' own bars (weight loading) too
     try:
@@ -440,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError) as err:
         print(f"hf-sam {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if bars_were_on:
+            logging.enable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import base_args, lm_dataset, tiny_llama
+from conftest import base_args, lm_dataset, tiny_llama, tiny_llama_config
 from torch import nn
 
 from hf_sam.analysis import (
@@ -485,7 +485,7 @@ def test_cli_sharpness_landscape_and_adapter(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["run-a", "run-b"] and all(r["sharpness"] > 0 for r in rows)
 
     png = tmp_path / "landscape.png"
-    assert main(["landscape", str(a), str(b), *flags, "--steps", "3", "--out", str(png)]) == 0
+    assert main(["landscape", str(a), str(b), *flags, "--steps", "3", "--relative", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png2 = tmp_path / "surface.png"
     assert main(["landscape", str(a), *flags, "--dims", "2", "--steps", "3", "--out", str(png2)]) == 0
@@ -511,3 +511,30 @@ def test_cli_sharpness_landscape_and_adapter(tmp_path, capsys):
     bad.write_text(json.dumps({"body": "x"}))
     assert main(["sharpness", str(a), "--data", str(bad)]) == 2
     assert "'text'" in capsys.readouterr().err
+
+
+def test_cli_sequence_classification(tmp_path, capsys):
+    from transformers import LlamaForSequenceClassification
+
+    from hf_sam.cli import main
+
+    path = tmp_path / "clf"
+    save_tiny_checkpoint(path)  # the tokenizer; the weights are replaced by a classifier's
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(tiny_llama_config(num_labels=2, pad_token_id=0)).save_pretrained(path)
+    data = tmp_path / "clf.csv"
+    data.write_text("text,label\nthe cat sat,0\na dog ran fast,1\nthe red sun,0\nbig blue moon,1\n")
+    assert main(["sharpness", str(path), "--data", str(data), "--no-progress", "--trace", "--trace-samples", "2"]) == 0
+    assert "clf" in capsys.readouterr().out
+
+
+def test_import_stays_light():
+    import subprocess
+    import sys
+
+    import hf_sam
+    import hf_sam.analysis
+
+    assert hf_sam.SharpnessCallback is hf_sam.analysis.SharpnessCallback
+    code = "import sys, hf_sam, hf_sam.analysis; assert 'matplotlib' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
