@@ -17,7 +17,7 @@ FSDP2 (`fully_shard`) is supported with `sync="global"`; its gradients are `DTen
 across the mesh (`perturbation.global_norm`) and the perturbation and the restore act on the local shards. With
 `accumulation="micro"` and gradient accumulation under FSDP2 every perturbed pass synchronises (2k reduce-scatters per
 step instead of k + 1), because FSDP2 keeps unsynchronised gradients inside the wrapper. Refused, each with its reason
-in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`.
+in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`, FSDP with `method="looksam"` or `"flat_lora"`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ FSDP_LOCAL_UNSUPPORTED = (
     "copy to perturb with a per-process gradient, and FSDP2 without gradient synchronisation leaves the sharded "
     "`.grad` empty (the unsynchronised gradient would leak into the second pass). Use `sam_sync='global'`."
 )
+
+FSDP_VARIANT_UNSUPPORTED = (
+    "`sam_method={method!r}` is not supported with FSDP: {why} Use `sam_method='sam'` (SAM or ASAM, tested under "
+    "FSDP2)."
+)
+_FSDP_VARIANT_WHY = {
+    "looksam": "its cached gradient component and its dot products act on whole tensors, and FSDP2 holds shards.",
+    "flat_lora": "its noise is drawn per full weight matrix, and FSDP2 gathers the base weights only inside "
+    "`forward` (untested here).",
+}
 
 
 @contextlib.contextmanager
@@ -139,6 +149,8 @@ def unsupported_setup_reason(trainer: Any) -> str | None:
     sam_config = trainer.sam_config
     if sam_config.sync == "local":
         return FSDP_LOCAL_UNSUPPORTED
+    if sam_config.method in _FSDP_VARIANT_WHY:
+        return FSDP_VARIANT_UNSUPPORTED.format(method=sam_config.method, why=_FSDP_VARIANT_WHY[sam_config.method])
     if sam_config.accumulation == "micro" and trainer.args.gradient_accumulation_steps > 1:
         logger.info(
             "FSDP2 with `sam_accumulation='micro'` and gradient accumulation: every perturbed pass synchronises "

@@ -60,14 +60,14 @@ def _lora_with_trainable_base():
     return model
 
 
-def _fsdp_setup(version, accumulation="exact", sync="global", accumulation_steps=1):
+def _fsdp_setup(version, accumulation="exact", sync="global", accumulation_steps=1, method="sam"):
     # The decision the mixin takes right after `Trainer.__init__`, fed with the Accelerator state of an FSDP run
     # (a multi-process FSDP launch is out of the fast suite; tests/test_distributed.py runs FSDP2 for real).
     state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
     trainer = SimpleNamespace(
         is_deepspeed_enabled=False,
         accelerator=SimpleNamespace(state=state),
-        sam_config=SAMConfig(accumulation=accumulation, sync=sync),
+        sam_config=SAMConfig(accumulation=accumulation, sync=sync, method=method),
         args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps),
     )
     reason = unsupported_setup_reason(trainer)
@@ -128,6 +128,8 @@ CASES = {
     "deepspeed": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 2}}),
     "fsdp1": lambda t, m: _fsdp_setup(1),
     "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
+    "fsdp-looksam": lambda t, m: _fsdp_setup(2, method="looksam"),
+    "fsdp-flat-lora": lambda t, m: _fsdp_setup(2, method="flat_lora"),
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
     "sam-config-type": lambda t, m: _trainer(t, args=TrainingArguments(**base_args(t)), sam_config={"rho": 0.1}),
