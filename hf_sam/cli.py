@@ -227,6 +227,11 @@ def _prepare(path: str, args: argparse.Namespace) -> tuple[Any, list[dict[str, t
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
+def _merged(model: Any) -> Any:
+    """A PEFT model as a plain one with the merged weights W + BA (other models as they are)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def _format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
@@ -305,9 +310,18 @@ def _landscape(args: argparse.Namespace) -> int:
             raise CLIError("--interpolate needs at least two MODELs: the line runs from the first to each other one.")
         if args.dims != 1:
             raise CLIError("--interpolate draws a 1-D line; drop --dims 2.")
+        # The full space of a LoRA model moves base weights and keeps its own adapters, and a plain checkpoint has
+        # no adapter names: both need the merged weights W + BA, which is what the full space means.
+        adapters = [(Path(p) / "adapter_config.json").is_file() for p in args.models]
+        merge = any(adapters) and (args.space == "full" or not all(adapters))
+        space = "full" if merge else args.space
+        if merge and args.space != "full":
+            print("Adapter and plain checkpoints: interpolating the merged weights W + BA (--space full).")
         first, batches = _prepare(args.models[0], args)
+        first = _merged(first) if merge else first
         for path, label in zip(args.models[1:], labels[1:]):
             other, _ = _prepare(path, args)
+            other = _merged(other) if merge else other
             span = (-args.span_beyond, 1.0 + args.span_beyond)
             ls = interpolate(
                 first,
@@ -315,13 +329,13 @@ def _landscape(args: argparse.Namespace) -> int:
                 batches,
                 span=span,
                 steps=steps,
-                space=args.space,
+                space=space,
                 progress=progress,
                 label=f"{labels[0]} → {label}",
             )
             landscapes.append(ls)
             del other
-        subtitle = f"data: {Path(args.data).name}, {args.space} parameters"
+        subtitle = f"data: {Path(args.data).name}, {'merged weights' if merge else f'{space} parameters'}"
     else:
         for path, label in zip(args.models, labels):
             model, batches = _prepare(path, args)

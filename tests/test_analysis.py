@@ -505,6 +505,9 @@ def test_cli_sharpness_landscape_and_adapter(tmp_path, capsys):
     pc.write_text("prompt,completion\nthe cat,sat on the mat\na dog,ran fast\n")
     assert main(["sharpness", str(tmp_path / "adapter"), "--data", str(pc), "--no-progress"]) == 0
     assert "adapter" in capsys.readouterr().out
+    line = ["landscape", str(tmp_path / "adapter"), str(a), "--interpolate", "--steps", "3", "--out", str(png3)]
+    assert main([*line, "--data", str(pc), "--no-progress"]) == 0
+    assert "merged weights" in capsys.readouterr().out  # adapter vs plain checkpoint: the merged weights W + BA
     assert main(["sharpness", str(a), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data: no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

@@ -226,6 +226,11 @@ def interpolate(
 ) -> Landscape:
     """The loss on the line through two checkpoints: L(w_A + a (w_B - w_A)), evaluated with `model`'s forward.
 
+    Only the measured parameters move; the others keep `model`'s values. For two LoRA models, the adapter space
+    (`space="trainable"`) interpolates A and B matrices; to interpolate the merged weights W + BA, merge both first
+    (`merge_and_unload()`) and use `space="full"` (the full space of an unmerged LoRA model moves base weights and
+    keeps `model`'s adapters). `hf-sam landscape --interpolate` does this for adapter directories.
+
     Args:
         model (`nn.Module`): The model at a = 0 (w_A); its weights are moved and restored exactly.
         other (`nn.Module | Mapping[str, torch.Tensor]`): The checkpoint at a = 1 (w_B): a model of the same
