@@ -229,6 +229,8 @@ def test_filter_normalization():
     assert torch.allclose(d[3].reshape(2, -1).norm(dim=1), w[3].reshape(2, -1).norm(dim=1), rtol=1e-5)
     kept = filter_normalized_direction(w, torch.Generator().manual_seed(0), ignore_1d=False)
     assert torch.equal(kept[2], w[2])
+    cols = filter_normalized_direction(w[:1], torch.Generator().manual_seed(0), filter_dims=[1])  # Conv1D: (in, out)
+    assert torch.allclose(cols[0].norm(dim=0), w[0].norm(dim=0), rtol=1e-5)
     layer = filter_normalized_direction(w, torch.Generator().manual_seed(0), normalization="layer")
     assert float(layer[0].norm()) == pytest.approx(float(w[0].norm()), rel=1e-5)
 

@@ -4,10 +4,10 @@
 - `random_landscape`: L(w + a d1) (1-D) or L(w + a d1 + b d2) (2-D) along random Gaussian directions, made
   comparable across models by *filter normalisation*: each filter of d (a row, i.e. the slice along dimension 0: an
   output channel of a convolution or linear layer, a token row of an embedding) is rescaled to the norm of the
-  matching filter of w, d_i <- d_i ||w_i|| / ||d_i||. 1-D parameters (biases, normalisation scales) get a zero
-  direction by default, as in the paper's plots (their code's `--xignore biasbn`); `ignore_1d=False` sets the
-  direction of a 1-D parameter to the parameter itself, as their code otherwise does. `normalization="layer"`
-  rescales each whole tensor instead of each filter.
+  matching filter of w, d_i <- d_i ||w_i|| / ||d_i|| (GPT-2's `Conv1D` stores (in, out): its filters are columns).
+  1-D parameters (biases, normalisation scales) get a zero direction by default, as in the paper's plots (their
+  code's `--xignore biasbn`); `ignore_1d=False` sets the direction of a 1-D parameter to the parameter itself, as
+  their code otherwise does. `normalization="layer"` rescales each whole tensor instead of each filter.
 
 In the full space of a LoRA model the base weights move and the rows are scaled to the merged weight W + BA. In the
 adapter space, LoRA's B starts at zero, so an untrained adapter's B rows get zero directions (filter normalisation
@@ -86,6 +86,7 @@ def filter_normalized_direction(
     *,
     normalization: str = "filter",
     ignore_1d: bool = True,
+    filter_dims: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """A Gaussian direction scaled to `weights` filter by filter (Li et al. 2018), in float32 on the CPU.
 
@@ -96,27 +97,41 @@ def filter_normalized_direction(
             the same slice of the weight; `"layer"`: each tensor gets the norm of its weight.
         ignore_1d (`bool`, defaults to `True`): Zero direction on 1-D (and 0-D) parameters; when False, the
             direction of such a parameter is the parameter itself.
+        filter_dims (`Sequence[int]`, *optional*): Per weight, the dimension that indexes filters (output units);
+            default 0 (`nn.Linear`, convolutions, embeddings). 1 for GPT-2's `Conv1D`, stored (in, out).
 
     Returns:
         `list[torch.Tensor]`: the direction, one float32 CPU tensor per weight.
     """
     check_choice("normalization", normalization, NORMALIZATIONS)
     out = []
-    for w in weights:
+    for i, w in enumerate(weights):
         d = torch.randn(w.shape, generator=generator, dtype=torch.float32)
         w = w.detach().float().cpu()
         if w.ndim <= 1:
             d = torch.zeros_like(d) if ignore_1d else w.clone()
         elif normalization == "filter":
-            rows_w = w.reshape(w.shape[0], -1).norm(dim=1)
-            rows_d = d.reshape(d.shape[0], -1).norm(dim=1)
+            dim = filter_dims[i] if filter_dims is not None else 0
+            w_rows, d_rows = w.movedim(dim, 0), d.movedim(dim, 0)
+            rows_w = w_rows.reshape(w_rows.shape[0], -1).norm(dim=1)
+            rows_d = d_rows.reshape(d_rows.shape[0], -1).norm(dim=1)
             factor = torch.where(rows_d > 0, rows_w / rows_d.clamp_min(1e-30), torch.zeros_like(rows_d))
-            d = d * factor.reshape(-1, *([1] * (w.ndim - 1)))
+            d = (d_rows * factor.reshape(-1, *([1] * (w.ndim - 1)))).movedim(0, dim).contiguous()
         else:
             d_norm = d.norm()
             d = d * (w.norm() / d_norm) if d_norm > 0 else d
         out.append(d)
     return out
+
+
+def _filter_dims(model: nn.Module, params: Sequence[nn.Parameter]) -> list[int]:
+    """The filter (output-unit) dimension of each parameter: 1 for weights of GPT-2's `Conv1D` (in, out), else 0."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return [0] * len(params)
+    transposed = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
+    return [1 if id(p) in transposed else 0 for p in params]
 
 
 def _evaluate_grid(
@@ -194,9 +209,12 @@ def random_landscape(
     generator = torch.Generator().manual_seed(seed)
     with measurement_state(model, chosen, grad=False, backup=True) as w0:
         refs = reference_weights(model, chosen)
+        dims_of = _filter_dims(model, chosen)
         directions = []
         for _ in range(dims):
-            d = filter_normalized_direction(refs, generator, normalization=normalization, ignore_1d=ignore_1d)
+            d = filter_normalized_direction(
+                refs, generator, normalization=normalization, ignore_1d=ignore_1d, filter_dims=dims_of
+            )
             directions.append([t.to(p.device, p.dtype) for t, p in zip(d, chosen)])
         del refs
         points = [(float(a),) for a in x] if dims == 1 else [(float(a), float(b)) for a in x for b in x]
