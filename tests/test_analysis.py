@@ -402,6 +402,10 @@ def test_lora_spaces():
     assert s_adapter == pytest.approx(s_merged, rel=1e-3)
     trainable = sam_sharpness(model, data, batch_size=4, progress=False).sharpness
     assert trainable != pytest.approx(s_adapter)
+    full_eig = hessian_eigenvalues(model, data, batch_size=4, space="full", max_iter=3, progress=False).eigenvalues
+    merged_eig = hessian_eigenvalues(merged, data, batch_size=4, space="full", max_iter=3, progress=False).eigenvalues
+    assert full_eig == pytest.approx(merged_eig, rel=1e-3)  # same space, same seed, same vectors
+    assert math.isfinite(hessian_trace(model, data, batch_size=4, samples=2, progress=False).trace)
     assert_same(model, snap)  # base weights perturbed without requires_grad, then restored with their flags
 
 
