@@ -83,6 +83,13 @@ def test_negative_curvature_is_found_by_magnitude():
     assert eig.eigenvalues == pytest.approx([-3.0, 2.0], rel=1e-5)
 
 
+def test_near_tie_of_opposite_signs_is_not_reported_converged():
+    # |l1| ~ |l2| with opposite signs: the estimate barely moves, but v is no eigenvector (the residual says so).
+    model = Quadratic(spd([3.0, -2.999, 1.0], seed=6), torch.ones(3, dtype=torch.float64))
+    eig = hessian_eigenvalues(model, DUMMY, max_iter=30, tol=1e-3, progress=False)
+    assert not eig.converged[0] and eig.iterations[0] == 30
+
+
 def test_one_step_sharpness_closed_form_plain_and_adaptive():
     a = spd(EIGS, seed=1)
     w = torch.linspace(-1.0, 1.5, 6, dtype=torch.float64)

@@ -1,7 +1,8 @@
 """The Hessian of the loss, seen through Hessian-vector products (double backward; PyHessian, arXiv 1912.07145).
 
 - Top eigenvalues by power iteration: v <- H v / ||H v||, the Rayleigh quotient v^T H v converges to the eigenvalue of
-  largest magnitude. Further eigenvalues by deflation: each iterate is projected off the eigenvectors already
+  largest magnitude. It has converged when it changes by at most `tol` (relative) and the residual ||H v - l v|| is
+  at most sqrt(tol) |l|. Further eigenvalues by deflation: each iterate is projected off the eigenvectors already
   found, so the iteration runs on the orthogonal complement (for a symmetric H this is H - sum_j l_j v_j v_j^T).
 - Trace by Hutchinson's estimator: tr(H) = E[v^T H v] for Rademacher v (entries +-1), averaged over samples, with its
   standard error.
@@ -121,7 +122,8 @@ def hessian_eigenvalues(
         data (`Any`): A `DataLoader`, an iterable of batches, one batch dict, or a dataset of examples.
         k (`int`, defaults to `1`): How many eigenvalues.
         max_iter (`int`, defaults to `100`): Power iterations per eigenvalue at most.
-        tol (`float`, defaults to `1e-3`): Stop when the eigenvalue estimate changes by at most `tol` relative.
+        tol (`float`, defaults to `1e-3`): Stop when the eigenvalue estimate changes by at most `tol` relative and the
+            residual ||H v - l v|| is at most sqrt(`tol`) |l|.
         seed (`int`, defaults to `0`): Seed of the local generator for the starting vectors.
         return_eigenvectors (`bool`, defaults to `False`): Keep the eigenvectors in the result.
         space (`str`, defaults to `"trainable"`): `"trainable"` (adapter space for PEFT) or `"full"`.
@@ -156,8 +158,9 @@ def hessian_eigenvalues(
                 value, done, it = 0.0, False, 0
                 for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported
                     hv = evaluator.hvp([v], 1)[0]
-                    new = dot(hv, v)  # Rayleigh quotient of the unit vector v
                     _project_out(hv, vectors)
+                    new = dot(hv, v)  # Rayleigh quotient of the unit vector v (v is orthogonal to `vectors`)
+                    residual = norm(torch._foreach_add(hv, v, alpha=-new))  # ||H v - new v||
                     hv_norm = norm(hv)
                     if not math.isfinite(hv_norm):
                         raise FloatingPointError(f"The Hessian-vector product is not finite (eigenvalue {index}).")
@@ -166,7 +169,11 @@ def hessian_eigenvalues(
                         break
                     torch._foreach_div_(hv, hv_norm)
                     v = hv
-                    if it > 1 and abs(new - value) <= tol * max(abs(value), 1e-12):
+                    # Converged: the estimate has settled and v is an eigenvector to the matching accuracy (the
+                    # eigenvalue error is of order residual^2 / gap). The residual test catches a stall between two
+                    # eigenvalues of nearly equal magnitude, where the estimate moves slowly but v is no eigenvector.
+                    settled = abs(new - value) <= tol * max(abs(value), 1e-12)
+                    if it > 1 and settled and residual <= math.sqrt(tol) * max(abs(new), 1e-12):
                         value, done = new, True
                         break
                     value = new
