@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ def tokenize_examples(
     label2id: dict[str, int] | None = None,
     max_length: int = 256,
     batch_size: int = 8,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize records into padded, model-ready batches with `labels` (in file order).
 
@@ -86,6 +88,9 @@ def tokenize_examples(
         label2id (`dict[str, int]`, *optional*): Maps named labels to ids (classification).
         max_length (`int`, defaults to `256`): Truncation length in tokens.
         batch_size (`int`, defaults to `8`): Examples per batch.
+        chat_template (`bool`, defaults to `False`): Prompt/completion records go through the tokenizer's chat
+            template (user turn, then assistant turn), as TRL's `SFTTrainer` trains on conversational data.
+        system_prompt (`str`, *optional*): A system turn before the prompt (with `chat_template`).
 
     Returns:
         `list[dict[str, torch.Tensor]]`: batches with `input_ids`, `attention_mask` and `labels`.
@@ -114,8 +119,13 @@ def tokenize_examples(
             if len(ids) >= 2:
                 examples.append((ids, list(ids)))
         elif prompt_field in record and completion_field in record:
-            prompt = tokenizer(str(record[prompt_field]))["input_ids"]
-            completion = tokenizer(str(record[completion_field]), add_special_tokens=False)["input_ids"]
+            if chat_template:
+                prompt, completion = _chat_ids(
+                    tokenizer, str(record[prompt_field]), str(record[completion_field]), system_prompt
+                )
+            else:
+                prompt = tokenizer(str(record[prompt_field]))["input_ids"]
+                completion = tokenizer(str(record[completion_field]), add_special_tokens=False)["input_ids"]
             ids = (prompt + completion)[:max_length]
             labels = ([-100] * len(prompt) + completion)[:max_length]
             if any(t != -100 for t in labels[1:]):
@@ -144,6 +154,25 @@ def tokenize_examples(
                 labels[row, : len(lab)] = torch.tensor(lab)
         batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     return batches
+
+
+def _chat_ids(tokenizer: Any, prompt: str, completion: str, system_prompt: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (with the generation prompt) and of the assistant turn that follows it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CLIError("--chat-template: this model's tokenizer has no chat template.")
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+
+    def ids(conversation: list[dict[str, str]], **kwargs: Any) -> list[int]:
+        out = tokenizer.apply_chat_template(conversation, tokenize=True, **kwargs)
+        out = out["input_ids"] if isinstance(out, Mapping) else out
+        return list(out[0] if out and isinstance(out[0], list) else out)
+
+    head = ids(messages, add_generation_prompt=True)
+    full = ids([*messages, {"role": "assistant", "content": completion}])
+    if full[: len(head)] != head:
+        raise CLIError("--chat-template: the template does not extend the prompt into the answer; use plain text.")
+    return head, full[len(head) :]
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
@@ -218,6 +247,8 @@ def _prepare(path: str, args: argparse.Namespace) -> tuple[Any, list[dict[str, t
         label2id=label2id,
         max_length=args.max_length,
         batch_size=args.batch_size,
+        chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
     )
     if args.max_batches is not None:
         batches = batches[: args.max_batches]
@@ -389,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prompt-field", default="prompt")
         p.add_argument("--completion-field", default="completion")
         p.add_argument("--label-field", default="label", help="class label (sequence-classification models)")
+        p.add_argument("--chat-template", action="store_true", help="prompt/completion data as chat turns")
+        p.add_argument("--system-prompt", help="with --chat-template: a system turn before each prompt")
         p.add_argument("--tokenizer", help="tokenizer directory (default: each model's own)")
         p.add_argument("--max-length", type=int, default=256, help="tokens per example (default 256)")
         p.add_argument("--batch-size", type=int, default=8)

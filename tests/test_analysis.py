@@ -521,6 +521,32 @@ def test_cli_sharpness_landscape_and_adapter(tmp_path, capsys):
     line = ["landscape", str(tmp_path / "adapter"), str(a), "--interpolate", "--steps", "3", "--out", str(png3)]
     assert main([*line, "--data", str(pc), "--no-progress"]) == 0
     assert "merged weights" in capsys.readouterr().out  # adapter vs plain checkpoint: the merged weights W + BA
+
+    # Prompt/completion through a chat template: the loss counts the assistant turn only.
+    from transformers import AutoTokenizer
+
+    from hf_sam.cli import tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(a)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} [EOS] {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
+    )
+    tokenizer.save_pretrained(a)
+    (batch,) = tokenize_examples(
+        [{"prompt": "the cat", "completion": "sat on the mat"}], tokenizer, task="causal-lm", chat_template=True,
+        system_prompt="be brief",
+    )  # fmt: skip
+    head = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    head = head["input_ids"] if isinstance(head, dict) or hasattr(head, "keys") else head
+    answer = tokenizer("sat on the mat [EOS]", add_special_tokens=False)["input_ids"]
+    labels = batch["labels"][0].tolist()
+    assert labels == [-100] * len(head) + answer
+    assert main(["sharpness", str(a), "--data", str(pc), "--chat-template", "--no-progress"]) == 0
     assert main(["sharpness", str(a), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data: no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
