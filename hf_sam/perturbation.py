@@ -11,8 +11,8 @@ arXiv 2102.11600) makes the ball adaptive with T = |w| + eta (elementwise):
 
 Everything here works in place on lists of tensors with `torch._foreach_*` kernels: the gradient buffer becomes e
 and the parameter becomes w + e, so the only extra memory is one copy of w, which `restore_` copies back bit for bit
-(subtracting e would drift in bf16/fp16). The step never reads a value back from an accelerator: a zero or non-finite
-norm turns into a zero scale on the device. The normalised perturbation does not depend on a constant factor of g, so
+(subtracting e would drift in bf16/fp16). The step never reads a value back to the host: a zero or non-finite norm
+turns into a zero scale on the device. The normalised perturbation does not depend on a constant factor of g, so
 GradScaler-scaled gradients give the same e as unscaled ones and are never unscaled here.
 """
 
@@ -103,16 +103,12 @@ def perturb_(
     if adaptive:
         torch._foreach_mul_(grads, params)  # grads <- T^2 g
         torch._foreach_copy_(params, backups)  # params <- w
-    # A skipped step has 0 * inf = nan where g was not finite, and e must be exactly 0 there. No foreach kernel maps
-    # nan to 0, so that takes one pass per tensor: on an accelerator always (reading the flag would synchronise), on
-    # the CPU only when the step is skipped (reading a CPU flag is free).
-    clean = ok.device.type != "cpu" or not bool(ok)
     for (device, _), idx in _group_by_device(params).items():
         device_grads = [grads[i] for i in idx]
         torch._foreach_mul_(device_grads, scale.to(device))  # grads <- e
-        if clean:
-            for g in device_grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        # A skipped step has 0 * inf = nan where g was not finite; e must be exactly 0 there, without a host sync.
+        for g in device_grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         torch._foreach_add_([params[i] for i in idx], device_grads)  # params <- w + e
     return norm, ~ok
 
