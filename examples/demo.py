@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The demo's few knobs; everything else is fixed in `run_args`."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output_dir", default="outputs/demo", help="Where results, plot and runs go.")
-    p.add_argument("--max_steps", type=int, default=60, help="Optimizer steps per run (both runs).")
+    p.add_argument("--max_steps", type=int, default=120, help="Optimizer steps per run (both runs).")
     p.add_argument("--batch_size", type=int, default=8, help="Training batch size.")
     p.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate (linear decay, warmup).")
     p.add_argument("--sam_rho", type=float, default=0.05, help="SAM's neighbourhood radius.")

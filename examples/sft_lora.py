@@ -43,6 +43,7 @@ from transformers.utils import logging  # noqa: E402
 
 from hf_sam.embedded import metric_path, smollm2_path  # noqa: E402
 from hf_sam.embedded.tasks import make_reverse_task  # noqa: E402
+from hf_sam.trl import SAMSFTConfig, SAMSFTTrainer  # noqa: E402
 
 logger = logging.get_logger("hf_sam.examples.sft_lora")
 
@@ -151,25 +152,22 @@ class RunArguments:
     )
 
 
-def training_arguments_class() -> type:
-    """`SAMSFTConfig` (TRL's `SFTConfig` + the `sam_*` fields) with CPU-friendly defaults for this example."""
-    from hf_sam.trl import SAMSFTConfig
+@dataclass
+class SFTLoraConfig(SAMSFTConfig):
+    """`SAMSFTConfig` (TRL's `SFTConfig` + the `sam_*` fields) with `gradient_checkpointing` off by default.
 
-    @dataclass
-    class SFTLoraConfig(SAMSFTConfig):
-        """`SAMSFTConfig` with `gradient_checkpointing` off by default (TRL turns it on): for a small model on CPU,
-        recomputing the forward pass costs more time than the memory it saves is worth."""
+    TRL turns gradient checkpointing on; for a small model on CPU, recomputing the forward pass costs more time than
+    the memory it saves is worth. `--gradient_checkpointing true` turns it back on.
+    """
 
-        gradient_checkpointing: bool = field(
-            default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
-        )
-
-    return SFTLoraConfig
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
 
 
 def parser() -> HfArgumentParser:
-    """The argument parser: model, data, LoRA, run and training (`SAMSFTConfig`) fields."""
-    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, RunArguments, training_arguments_class()))
+    """The argument parser: model, data, LoRA, run and training (`SFTLoraConfig`) fields."""
+    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, RunArguments, SFTLoraConfig))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Any, ...]:
@@ -472,8 +470,6 @@ def train(
         `dict`: The metrics also written to `<output_dir>/metrics.json`.
     """
     from trl import SFTTrainer
-
-    from hf_sam.trl import SAMSFTTrainer
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed)
