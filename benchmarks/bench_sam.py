@@ -484,6 +484,9 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
         pairs = zip(results[row]["step_times"], results[ref]["step_times"])
         return _median([a / b for a, b in pairs if b > 0])
 
+    def mean_ratio(row: str, ref: str) -> float:  # for variants whose steps differ (LookSAM, SAM every k steps)
+        return sum(results[row]["step_times"]) / sum(results[ref]["step_times"])
+
     trainable = results["plain"]["trainable_bytes"]
 
     def extra(row: str, key: str) -> float:
@@ -497,6 +500,7 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
             "median_s": _median(r["step_times"]),
             "x_floor": ratio(row, "floor"),
             "x_plain": ratio(row, "plain"),
+            "x_plain_mean": mean_ratio(row, "plain"),
             "extra_alloc_mib": extra(row, "alloc_peak_bytes") / 2**20,
             "extra_alloc_x_trainable": extra(row, "alloc_peak_bytes") / trainable,
             "extra_rss_mib": extra(row, "rss_peak_bytes") / 2**20,
@@ -522,14 +526,15 @@ def print_table(case: Case, rows: list[dict], info: dict) -> None:
     )
     print(
         "| row | steps | median step (CPU s) | × floor | × plain | extra peak, allocated (MiB) | × trainable "
-        "| extra peak, RSS (MiB) | × trainable |"
+        "| extra peak, RSS (MiB) | × trainable | × plain, mean |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['row']} | {r['steps']} | {r['median_s']:.3f} | {r['x_floor']:.3f} | {r['x_plain']:.3f} | "
             f"{r['extra_alloc_mib']:+.1f} | {r['extra_alloc_x_trainable']:+.2f} | "
-            f"{_fmt(r['extra_rss_mib'], '+.1f')} | {_fmt(r['extra_rss_x_trainable'], '+.2f')} |"
+            f"{_fmt(r['extra_rss_mib'], '+.1f')} | {_fmt(r['extra_rss_x_trainable'], '+.2f')} | "
+            f"{r['x_plain_mean']:.3f} |"
         )
     sys.stdout.flush()
 
