@@ -249,13 +249,20 @@ def predict(data_args: DataArguments, run_args: RunArguments, args: Any) -> dict
     if not source.is_dir():
         raise ValueError(f"`predict_from` (`--predict_from`) must be a directory of a saved run, got {source}.")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    if (source / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForSequenceClassification
+    id2label = {int(k): v for k, v in json.loads((source / "labels.json").read_text()).items()}
+    if (source / "adapter_config.json").is_file():  # LoRA: the base encoder with a head of the right size + adapter
+        from peft import PeftModel
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(source)
+        base_path = json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_path or minilm_path(),
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={n: i for i, n in id2label.items()},
+        )
+        model = PeftModel.from_pretrained(base, str(source))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(source)
-    id2label = {int(k): v for k, v in json.loads((source / "labels.json").read_text()).items()}
     metrics: dict[str, Any] = {"predict_from": str(source)}
     if run_args.sentences:
         texts, labels = run_args.sentences, None
