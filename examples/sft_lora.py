@@ -71,6 +71,22 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` (`--dtype`) must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.load_in_4bit:  # checked here, before the training arguments look at the hardware
+            check_qlora_available()
+
+
+def check_qlora_available() -> None:
+    """Raise unless 4-bit loading can work here: a CUDA GPU and an importable bitsandbytes.
+
+    Raises:
+        `RuntimeError`: naming what is missing.
+    """
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("`--load_in_4bit` (QLoRA) needs a CUDA GPU; none is available. Drop the flag.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("`--load_in_4bit` (QLoRA) needs bitsandbytes: `pip install bitsandbytes`.")
 
 
 @dataclass
@@ -266,12 +282,7 @@ def load_model(path: str, model_args: ModelArguments) -> Any:
     """
     kwargs: dict[str, Any] = {"dtype": getattr(torch, model_args.dtype)}
     if model_args.load_in_4bit:
-        import importlib.util
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("`--load_in_4bit` (QLoRA) needs a CUDA GPU; none is available. Drop the flag.")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise RuntimeError("`--load_in_4bit` (QLoRA) needs bitsandbytes: `pip install bitsandbytes`.")
+        check_qlora_available()
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float16
@@ -531,7 +542,6 @@ def train(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the arguments, then train (or predict with `--predict_from`); returns the metrics."""
     model_args, data_args, lora_args, run_args, args = parse_args(argv)
-    logging.set_verbosity_info() if args.should_log and args.log_level == "info" else None
     if run_args.predict_from:
         metrics = predict(model_args, data_args, run_args, args)
     else:
