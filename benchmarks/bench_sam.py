@@ -21,7 +21,7 @@ ways: the bytes torch allocates (exact: `torch.profiler` memory events over a fr
 
 Usage:
     python benchmarks/bench_sam.py                 # both cases, ~8 minutes on 2 CPU cores
-    python benchmarks/bench_sam.py --quick         # smoke run, ~1 minute
+    python benchmarks/bench_sam.py --quick         # smoke run, rows in one process, ~2 minutes
     python benchmarks/bench_sam.py --quick --tiny  # tiny models, seconds (what tests/test_benchmarks.py runs)
     python benchmarks/bench_sam.py --variants sam asam looksam
 """
@@ -78,12 +78,12 @@ class Case:
 
 
 CASES = {
-    "llama25m": Case("llama25m", "(a) full fine-tuning, Llama 25.3M from a config", 4, 128, 12, 2, 3, 1, 64),
-    "smollm2-lora": Case("smollm2-lora", "(b) LoRA r=8 on all linears, SmolLM2-135M", 2, 128, 8, 1, 2, 1, 64),
+    "llama25m": Case("llama25m", "(a) full fine-tuning, Llama 25.3M from a config", 4, 128, 12, 2, 2, 1, 32),
+    "smollm2-lora": Case("smollm2-lora", "(b) LoRA r=8 on all linears, SmolLM2-135M", 2, 128, 8, 1, 2, 1, 32),
 }
 TINY_CASES = {
-    "tiny-full": Case("tiny-full", "tiny Llama, full fine-tuning", 2, 16, 4, 1, 3, 1, 16),
-    "tiny-lora": Case("tiny-lora", "tiny Llama, LoRA on all linears", 2, 16, 4, 1, 3, 1, 16),
+    "tiny-full": Case("tiny-full", "tiny Llama, full fine-tuning", 2, 16, 4, 1, 2, 1, 16),
+    "tiny-lora": Case("tiny-lora", "tiny Llama, LoRA on all linears", 2, 16, 4, 1, 2, 1, 16),
 }
 
 
@@ -512,7 +512,9 @@ def print_table(case: Case, rows: list[dict], info: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with `--worker`, one row of it) and print one table per case."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Few steps and short sequences: a smoke run.")
+    parser.add_argument(
+        "--quick", action="store_true", help="A smoke run: few steps, short sequences, rows in this process."
+    )
     parser.add_argument("--tiny", action="store_true", help="Tiny models instead of the real cases (for tests).")
     parser.add_argument("--cases", nargs="+", help="Cases to run (default: all of the chosen size).")
     parser.add_argument(
@@ -522,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="Run the rows one after another in this process (default with --tiny): no start-up cost, but the "
-        "memory figures are only indicative and the rows are not interleaved.",
+        help="Run the rows one after another in this process (default with --quick and --tiny): no start-up cost, "
+        "but no RSS figures and no interleaving of the rows' steps.",
     )
     parser.add_argument(
         "--allocator",
@@ -556,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in cases:
             raise SystemExit(f"Unknown case {name!r}; known: {', '.join(cases)}.")
     variants = _parse_variants(args.variants)
-    in_process = args.in_process or args.tiny
+    in_process = args.in_process or args.quick or args.tiny
     mode = "rows one after another in this process" if in_process else "one process per row, steps interleaved"
     print(f"bench_sam: {'quick, ' if args.quick else ''}{mode}; one thread, CPU time; {os.cpu_count()} CPUs")
     summaries = []
@@ -577,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows[variant] = {k: v for k, v in kwargs.items() if k != "cases"}
         if in_process:
             results = {row: run_worker(name, row, kw, steps, warmup, seq_len) for row, kw in rows.items()}
+            for r in results.values():  # one resident set shared by every row: no per-row figure
+                r["rss_peak_bytes"] = float("nan")
         else:
             results = run_case_interleaved(name, rows, steps, warmup, seq_len, args.allocator)
         rows_summary = summarize(name, results)
