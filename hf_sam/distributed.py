@@ -90,8 +90,11 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         finally:
             model.require_backward_grad_sync = previous
         return
+    if not torch.distributed.is_initialized():  # before the module scan: it costs milliseconds on large models
+        yield
+        return
     fsdp_modules = [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]
-    if not fsdp_modules or not torch.distributed.is_initialized():
+    if not fsdp_modules:
         yield
         return
     # Every FSDP module by itself: the root is not always one (a model sharded only in some sub-modules).
