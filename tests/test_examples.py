@@ -187,11 +187,6 @@ def test_sft_lora_end_to_end_and_predict(tmp_path):
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert (out / "tokenizer_config.json").is_file()
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
-    # the same run without SAM: TRL's plain SFTTrainer, no sam_* metrics
-    base = tmp_path / "adamw"
-    _run([str(EXAMPLES / "sft_lora.py"), "--output_dir", str(base), "--use_sam", "false", *TINY_SFT], tmp_path)
-    plain = json.loads((base / "metrics.json").read_text())
-    assert plain["use_sam"] is False and "final_sam_sharpness" not in plain
     # load the adapter back and answer prompts
     pred = tmp_path / "pred"
     _run(
@@ -240,6 +235,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [row["run"].split(" (")[0] for row in results["table"]] == ["base", "LoRA + AdamW", "LoRA + SAM"]
     assert set(results["runs"]) == {"AdamW", "SAM"}
-    assert results["runs"]["SAM"]["final_sam_sharpness"] is not None
+    assert results["runs"]["SAM"]["final_sam_sharpness"] is not None and results["runs"]["SAM"]["use_sam"] is True
+    # the baseline is TRL's plain SFTTrainer (`--use_sam false`): no sam_* metrics
+    assert results["runs"]["AdamW"]["use_sam"] is False and "final_sam_sharpness" not in results["runs"]["AdamW"]
     assert (out / "training_curves.png").stat().st_size > 10_000
     assert "held-out exact match" in proc.stdout and "LoRA + SAM" in proc.stdout
