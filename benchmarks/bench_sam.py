@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "looksam": {"sam_rho": 0.05, "sam_method": "looksam", "sam_looksam_interval": 5},
     "sam-every-2": {"sam_rho": 0.05, "sam_interval": 2},
     "sam-quarter-batch": {"sam_rho": 0.05, "sam_ascent_fraction": 0.25},
+    "sam-late": {"sam_rho": 0.05, "sam_start_fraction": 0.85},
+    "rho-lr": {"sam_rho": 0.05, "sam_rho_schedule": "lr"},
     "flat-lora": {"sam_rho": 0.05, "sam_method": "flat_lora", "cases": ["smollm2-lora", "tiny-lora"]},
 }
 DEFAULT_VARIANTS = ("sam",)

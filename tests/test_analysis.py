@@ -445,6 +445,29 @@ def test_callback_logs_eval_metrics(tmp_path):
     assert metrics["test_sharpness"] == pytest.approx(sam_sharpness(model, batches, progress=False).sharpness)
 
 
+def test_attached_callback_reaches_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        **{
+            **base_args(tmp_path, max_steps=2, per_device_train_batch_size=2, eval_strategy="steps", eval_steps=2),
+            "report_to": ["tensorboard"],
+        }
+    )
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(4), eval_dataset=lm_dataset(4, seed=2))
+    callback = SharpnessCallback(max_batches=1).attach(trainer)
+    assert callback in trainer.callback_handler.callbacks
+    trainer.train()
+    tags = set()
+    for run in tmp_path.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(run.parent))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"eval/loss", "eval/sharpness"} <= tags
+
+
 # ---- the command line ----------------------------------------------------------------------------------------------
 
 

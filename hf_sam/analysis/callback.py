@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,8 +29,9 @@ class SharpnessCallback(TrainerCallback):
     metrics with the evaluation's prefix: `eval_sharpness`, `eval_hessian_eigenvalue` (or `eval_hessian_eigenvalue_1`,
     `_2`, ... for `top_k` > 1) and `eval_hessian_trace`. They appear in the dict `evaluate()` returns (so
     `metric_for_best_model="eval_sharpness"` works, with `greater_is_better=False`) and in that evaluation's entry of
-    `trainer.state.log_history`. Reporting integrations (TensorBoard, W&B) receive the evaluation logs before
-    `on_evaluate`, so they do not see these values.
+    `trainer.state.log_history`. Reporting integrations (TensorBoard, W&B, ...) receive the evaluation logs before
+    `on_evaluate`, and a callback is not handed the Trainer: add the callback with `callback.attach(trainer)` (instead
+    of `callbacks=[...]`) and the values are also sent to them, as a log of their own at the same step.
 
     The model is measured in eval mode and left exactly as it was (weights, `requires_grad`, train/eval flags); the
     global RNG is not touched. Each process measures its own batches (no collective).
@@ -103,6 +105,20 @@ class SharpnessCallback(TrainerCallback):
         self.batch_size = batch_size
         self.collate_fn = collate_fn
         self.max_batches = max_batches
+        self._trainer: weakref.ref | None = None
+
+    def attach(self, trainer: Any) -> SharpnessCallback:
+        """Add this callback to `trainer` and send its values to the trainer's reporting integrations too.
+
+        Args:
+            trainer (`transformers.Trainer`): The trainer to measure at each evaluation.
+
+        Returns:
+            `SharpnessCallback`: this callback.
+        """
+        self._trainer = weakref.ref(trainer)
+        trainer.add_callback(self)
+        return self
 
     def measure(self, model: nn.Module, data: Any) -> dict[str, float]:
         """Run the chosen measures on `model` and `data`; returns metric names (without prefix) and values."""
@@ -139,4 +155,7 @@ class SharpnessCallback(TrainerCallback):
                 break
         else:
             state.log_history.append({**values, "step": state.global_step})
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:  # the integrations' `on_log` (TensorBoard, W&B, ...), without a new history entry
+            trainer.control = trainer.callback_handler.on_log(args, state, control, dict(values))
         logger.info(f"Sharpness measures at step {state.global_step}: {values}")
