@@ -58,6 +58,34 @@ def base_args(tmp_path, **overrides) -> dict:
     return kwargs
 
 
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def assert_updates_close(start, got, want, rtol=1e-5):
+    """Compare the weight changes (not the weights, which a tiny step would make trivially close)."""
+    for k in want:
+        delta_got, delta_want = got[k] - start[k], want[k] - start[k]
+        scale = delta_want.abs().max().clamp_min(1e-12)
+        assert ((delta_got - delta_want).abs().max() / scale) < rtol, k
+
+
+def sgd_args(tmp_path, **overrides) -> dict:
+    """Plain SGD at a constant learning rate, no clipping, sequential data: the setting of the reference tests."""
+    return base_args(
+        tmp_path,
+        **{
+            "optim": "sgd",
+            "learning_rate": 0.5,
+            "lr_scheduler_type": "constant",
+            "weight_decay": 0.0,
+            "max_grad_norm": 0.0,
+            "train_sampling_strategy": "sequential",
+            **overrides,
+        },
+    )
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # Two cores, shared: keep each test on one thread so timings and reductions are steady.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_args
 from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -22,17 +22,7 @@ def regression_dataset(n: int = 16, seed: int = 0) -> Dataset:
 
 
 def sgd_args(tmp_path, **overrides) -> dict:
-    kwargs = base_args(
-        tmp_path,
-        optim="sgd",
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-    )
-    kwargs.update(overrides)
-    return kwargs
+    return conftest.sgd_args(tmp_path, **{"learning_rate": 0.1, **overrides})
 
 
 class Regression(nn.Module):

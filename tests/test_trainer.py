@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_args, lm_dataset, tiny_llama
+from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
 from datasets import Dataset
 from torch import nn
 from torch.func import functional_call, grad
@@ -75,32 +75,6 @@ def windows_of(dataset, batch_size, accumulation_steps, steps):
             i += 1
         out.append(window)
     return out
-
-
-def trainable_state(model):
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def assert_updates_close(start, got, want, rtol=1e-5):
-    """Compare the weight changes (not the weights, which a tiny step would make trivially close)."""
-    for k in want:
-        delta_got, delta_want = got[k] - start[k], want[k] - start[k]
-        scale = delta_want.abs().max().clamp_min(1e-12)
-        assert ((delta_got - delta_want).abs().max() / scale) < rtol, k
-
-
-def sgd_args(tmp_path, **overrides):
-    kwargs = base_args(
-        tmp_path,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, base_args, tiny_llama
+from conftest import VOCAB, assert_updates_close, base_args, sgd_args, tiny_llama, trainable_state
 from datasets import Dataset
 from torch.func import functional_call, grad
 
@@ -65,30 +65,8 @@ def dpo_dataset(n: int = 8, seed: int = 0) -> Dataset:
 
 
 def sgd(tmp_path, **overrides) -> dict:
-    kwargs = base_args(
-        tmp_path,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        max_length=32,
-        bf16=False,  # TRL's configs default to bf16 autocast; the references below are float32/float64
-    )
-    kwargs.update(overrides)
-    return kwargs
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def assert_updates_close(start, got, want, rtol=1e-5):
-    for k in want:
-        delta_got, delta_want = got[k] - start[k], want[k] - start[k]
-        scale = delta_want.abs().max().clamp_min(1e-12)
-        assert ((delta_got - delta_want).abs().max() / scale) < rtol, k
+    # TRL's configs default to bf16 autocast; the references below are float32/float64.
+    return sgd_args(tmp_path, **{"max_length": 32, "bf16": False, **overrides})
 
 
 def sam_sgd_reference(params, loss_of_params, batches, lr, rho):
@@ -125,7 +103,7 @@ def completion_only_loss(model, frozen):
 def test_sft_update_is_sam_on_the_completion_only_loss(tmp_path):
     model = tiny_policy().double()
     reference = copy.deepcopy(model)
-    start = trainable(model)
+    start = trainable_state(model)
     args = SAMSFTConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=2), sam_rho=0.05)
     trainer = SAMSFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
     batches = list(trainer.get_train_dataloader())[:2]
@@ -133,12 +111,12 @@ def test_sft_update_is_sam_on_the_completion_only_loss(tmp_path):
     trainer.train()
     frozen = {k: v.detach() for k, v in reference.named_parameters() if not v.requires_grad}
     want = sam_sgd_reference(start, completion_only_loss(reference, frozen), batches, lr=0.5, rho=0.05)
-    assert_updates_close(start, trainable(model), want)
+    assert_updates_close(start, trainable_state(model), want)
     # The comparison tells the completion-only loss from the loss on every token.
     every_token = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in batches]
     other = sam_sgd_reference(start, completion_only_loss(reference, frozen), every_token, lr=0.5, rho=0.05)
     with pytest.raises(AssertionError):
-        assert_updates_close(start, trainable(model), other, rtol=1e-3)
+        assert_updates_close(start, trainable_state(model), other, rtol=1e-3)
 
 
 @pytest.mark.parametrize("accumulation", ["exact", "micro"])
@@ -178,7 +156,7 @@ def test_sft_lora_trains_the_adapters_only(tmp_path):
         tiny_policy(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
-    adapters = trainable(model)
+    adapters = trainable_state(model)
     assert adapters and all("lora_" in k for k in adapters)
     args = SAMSFTConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=3, learning_rate=0.1), sam_rho=0.1)
     trainer = SAMSFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
@@ -186,7 +164,7 @@ def test_sft_lora_trains_the_adapters_only(tmp_path):
     for k, v in model.named_parameters():
         if not v.requires_grad:
             assert torch.equal(v, frozen[k]), k
-    changed = [k for k, v in trainable(model).items() if not torch.equal(v, adapters[k])]
+    changed = [k for k, v in trainable_state(model).items() if not torch.equal(v, adapters[k])]
     assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
     logs = train_logs(trainer)
     assert len(logs) == 3 and all(h["sam_skipped"] == 0.0 and h["sam_grad_norm"] > 0 for h in logs)
@@ -240,7 +218,7 @@ def test_dpo_update_is_sam_against_an_unperturbed_reference(tmp_path):
     policy, ref_model = tiny_policy(0).double(), tiny_policy(1).double()
     reference_policy = copy.deepcopy(policy)
     ref_before = {k: v.clone() for k, v in ref_model.state_dict().items()}
-    start = trainable(policy)
+    start = trainable_state(policy)
     args = SAMDPOConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=2, beta=0.5), sam_rho=0.1)
     trainer = SAMDPOTrainer(
         model=policy, ref_model=ref_model, args=args, train_dataset=dpo_dataset(), processing_class=tiny_tokenizer()
@@ -259,11 +237,11 @@ def test_dpo_update_is_sam_against_an_unperturbed_reference(tmp_path):
     # The update is SAM's on the DPO loss (reference log-probs held fixed), written from the formulas.
     frozen_ref = copy.deepcopy(ref_model)
     want = sam_sgd_reference(start, dpo_loss(reference_policy, {}, frozen_ref, beta=0.5), batches, lr=0.5, rho=0.1)
-    assert_updates_close(start, trainable(policy), want)
+    assert_updates_close(start, trainable_state(policy), want)
     # It can tell: a "reference" that moves with the perturbed policy gives another update.
     moving = sam_sgd_reference(start, dpo_loss(reference_policy, {}, reference_policy, beta=0.5), batches, 0.5, 0.1)
     with pytest.raises(AssertionError):
-        assert_updates_close(start, trainable(policy), moving, rtol=1e-3)
+        assert_updates_close(start, trainable_state(policy), moving, rtol=1e-3)
 
 
 def test_dpo_metrics_are_the_clean_pass_ones(tmp_path):
@@ -297,7 +275,7 @@ def test_dpo_with_precomputed_reference_log_probs_gives_the_same_update(tmp_path
             model=policy, ref_model=tiny_policy(1), args=args, train_dataset=data, processing_class=tokenizer
         )
         trainer.train()
-        results.append(trainable(policy))
+        results.append(trainable_state(policy))
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-7)
 
@@ -314,7 +292,7 @@ def test_dpo_lora_reference_is_the_unperturbed_base(tmp_path):
     assert trainer.ref_model is None
     # The base and any frozen reference copy of the adapter (TRL may add one) must come out bit for bit.
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
-    adapters = trainable(model)
+    adapters = trainable_state(model)
     assert adapters and all("lora_" in k for k in adapters)
     trainer.train()
     first = train_logs(trainer)[0]
@@ -323,4 +301,4 @@ def test_dpo_lora_reference_is_the_unperturbed_base(tmp_path):
     for k, v in model.named_parameters():
         if not v.requires_grad:
             assert torch.equal(v, frozen[k]), k
-    assert any(not torch.equal(v, adapters[k]) for k, v in trainable(model).items())
+    assert any(not torch.equal(v, adapters[k]) for k, v in trainable_state(model).items())

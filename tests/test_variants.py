@@ -8,16 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_args, lm_dataset, tiny_llama
-from test_trainer import (
-    assert_updates_close,
-    reference_sam_sgd,
-    sam_perturbation,
-    sgd_args,
-    trainable_state,
-    window_loss,
-    windows_of,
-)
+from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
+from test_trainer import reference_sam_sgd, sam_perturbation, window_loss, windows_of
 from torch.func import grad
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
