@@ -46,7 +46,9 @@ from typing import Any
 
 RESULT_PREFIX = "BENCH_RESULT "
 STEP_PREFIX = "BENCH_STEP "
-REFERENCE_ROWS = ("plain", "floor", "peer")
+# "floor-2" is the floor again in a process of its own: an A/A check. Identical work, so its ratios to the floor show
+# how much a row's figures move with the process it happens to run in (memory placement), not with what it does.
+REFERENCE_ROWS = ("plain", "floor", "floor-2", "peer")
 
 # hf_sam rows: a name and the `sam_*` arguments of `SAMTrainingArguments`. Add a row per variant here; a row with
 # "cases" runs only on those cases (e.g. a LoRA-only method).
@@ -266,7 +268,12 @@ def _make_trainer(case: Case, row: str, sam_kwargs: dict[str, Any], max_steps: i
         optim="adamw_torch",
     )
     if row in REFERENCE_ROWS:
-        cls = {"plain": lambda: Trainer, "floor": floor_trainer_class, "peer": peer_trainer_class}[row]()
+        cls = {
+            "plain": lambda: Trainer,
+            "floor": floor_trainer_class,
+            "floor-2": floor_trainer_class,
+            "peer": peer_trainer_class,
+        }[row]()
         trainer = cls(model=model, args=TrainingArguments(**common), train_dataset=data)
     else:
         trainer = SAMTrainer(model=model, args=SAMTrainingArguments(**common, **sam_kwargs), train_dataset=data)
@@ -292,6 +299,38 @@ def _peak_allocated_bytes(trainer) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+class PassTimer:
+    """CPU time spent inside `Trainer.training_step`, the forward-backward pass that every row runs the same way.
+
+    Every row's passes go through it: the plain Trainer's own, the floor's and the peer's `super().training_step`,
+    and SAMTrainer's (its mixin calls the parent's). A step's time minus its passes' time is the work the row does
+    around them (its perturbation and restore, clipping, the optimizer step): short and steady, so the difference
+    between a row's and the floor's carries far less noise than the ratio of whole steps.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    @contextlib.contextmanager
+    def timing(self):
+        from transformers import Trainer
+
+        original = Trainer.training_step
+
+        def timed(trainer, *args, **kwargs):
+            start = time.process_time()
+            try:
+                return original(trainer, *args, **kwargs)
+            finally:
+                self.total += time.process_time() - start
+
+        Trainer.training_step = timed
+        try:
+            yield self
+        finally:
+            Trainer.training_step = original
 
 
 def run_worker(
@@ -323,17 +362,21 @@ def run_worker(
     case = {**CASES, **TINY_CASES}[case_name]
 
     class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
+        def __init__(self, passes: PassTimer) -> None:
             self.times: list[float] = []
+            self.pass_times: list[float] = []
+            self._passes = passes
             self._start = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if baton:
                 sys.stdin.readline()
+            self._passes.total = 0.0
             self._start = time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.process_time() - self._start)
+            self.pass_times.append(self._passes.total)
             if baton:
                 print(f"{STEP_PREFIX}{self.times[-1]}", flush=True)
 
@@ -348,14 +391,17 @@ def run_worker(
         "total_params": sum(p.numel() for p in model.parameters()),
         "tokens_per_step": case.batch_size * seq_len,
     }
-    timer = StepTimer()
+    passes = PassTimer()
+    timer = StepTimer(passes)
     trainer.add_callback(timer)
     gc.collect()
     reset_ok = _reset_peak_rss()
-    trainer.train()
+    with passes.timing():
+        trainer.train()
     info["rss_peak_bytes"] = _peak_rss_bytes(reset_ok)
     info["rss_peak_since_train"] = reset_ok
     info["step_times"] = timer.times[warmup:]
+    info["pass_times"] = timer.pass_times[warmup:]
     del trainer, model, trainable
     gc.collect()
 
@@ -452,12 +498,26 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
     other, so a change in the machine's load between steps cancels out of it.
     """
 
-    def ratio(row: str, ref: str) -> float:
-        pairs = zip(results[row]["step_times"], results[ref]["step_times"])
+    def ratio_of(row: str, ref: str, key: str) -> float:
+        pairs = zip(results[row][key], results[ref][key])
         return _median([a / b for a, b in pairs if b > 0])
+
+    def ratio(row: str, ref: str) -> float:
+        return ratio_of(row, ref, "step_times")
 
     def mean_ratio(row: str, ref: str) -> float:  # for variants whose steps differ (LookSAM, SAM every k steps)
         return sum(results[row]["step_times"]) / sum(results[ref]["step_times"])
+
+    def around(row: str) -> list[float]:  # each step's time outside the forward-backward passes
+        return [t - p for t, p in zip(results[row]["step_times"], results[row]["pass_times"])]
+
+    def extra_around_s(row: str) -> float:
+        """The row's work around the passes minus the floor's, step by step (median): what it adds to the floor."""
+        if row == "plain":  # one pass, not two: its passes are not the floor's
+            return float("nan")
+        return _median([a - b for a, b in zip(around(row), around("floor"))])
+
+    floor_median = _median(results["floor"]["step_times"])
 
     trainable = results["plain"]["trainable_bytes"]
 
@@ -473,6 +533,10 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
             "x_floor": ratio(row, "floor"),
             "x_plain": ratio(row, "plain"),
             "x_plain_mean": mean_ratio(row, "plain"),
+            "around_ms": _median(around(row)) * 1e3,
+            "extra_around_ms": extra_around_s(row) * 1e3,
+            "x_floor_around": 1 + extra_around_s(row) / floor_median,
+            "x_floor_passes": ratio_of(row, "floor", "pass_times"),
             "extra_alloc_mib": extra(row, "alloc_peak_bytes") / 2**20,
             "extra_alloc_x_trainable": extra(row, "alloc_peak_bytes") / trainable,
             "extra_rss_mib": extra(row, "rss_peak_bytes") / 2**20,
@@ -480,6 +544,7 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
             "alloc_peak_mib": r["alloc_peak_bytes"] / 2**20,
             "rss_peak_mib": r["rss_peak_bytes"] / 2**20,
             "step_times": r["step_times"],
+            "pass_times": r["pass_times"],
         }
         for row, r in results.items()
     ]
@@ -497,13 +562,15 @@ def print_table(case: Case, rows: list[dict], info: dict) -> None:
         f"{info['tokens_per_step']} tokens per step\n"
     )
     print(
-        "| row | steps | median step (CPU s) | × floor | × plain | extra peak, allocated (MiB) | × trainable "
+        "| row | steps | median step (CPU s) | × floor | added to the floor's work around the passes (ms) "
+        "| × floor, from that | × plain | extra peak, allocated (MiB) | × trainable "
         "| extra peak, RSS (MiB) | × trainable | × plain, mean |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['row']} | {r['steps']} | {r['median_s']:.3f} | {r['x_floor']:.3f} | {r['x_plain']:.3f} | "
+            f"| {r['row']} | {r['steps']} | {r['median_s']:.3f} | {r['x_floor']:.3f} | "
+            f"{_fmt(r['extra_around_ms'], '+.1f')} | {_fmt(r['x_floor_around'], '.4f')} | {r['x_plain']:.3f} | "
             f"{r['extra_alloc_mib']:+.1f} | {r['extra_alloc_x_trainable']:+.2f} | "
             f"{_fmt(r['extra_rss_mib'], '+.1f')} | {_fmt(r['extra_rss_x_trainable'], '+.2f')} | "
             f"{r['x_plain_mean']:.3f} |"

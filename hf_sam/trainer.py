@@ -128,6 +128,50 @@ class _SAMMetrics:
         return logs
 
 
+class _TrainableParameters:
+    """A model's trainable parameters, listed once and listed again only after the model's structure changed.
+
+    Listing walks every module: milliseconds per step on a LoRA model with thousands of modules, more than SAM's own
+    work there. A registration into one of the model's modules (`register_parameter`, `add_module`, assigning a
+    module or parameter attribute: PEFT adding an adapter, resized embeddings) goes through torch's global
+    registration hooks and marks the list stale; registrations elsewhere (a model's forward slicing its `ModuleList`
+    builds a new container each time) do not. `requires_grad` is read afresh at every call, so freezing and
+    unfreezing layers during training needs no new listing.
+    """
+
+    _live: weakref.WeakSet[_TrainableParameters] = weakref.WeakSet()
+    _hooks_installed = False
+
+    def __init__(self) -> None:
+        if not _TrainableParameters._hooks_installed:
+            from torch.nn.modules import module as torch_module
+
+            torch_module.register_module_parameter_registration_hook(_TrainableParameters._registered)
+            torch_module.register_module_module_registration_hook(_TrainableParameters._registered)
+            _TrainableParameters._hooks_installed = True
+        _TrainableParameters._live.add(self)
+        self.clear()
+
+    @staticmethod
+    def _registered(module: nn.Module, name: str, value: Any) -> None:
+        for listing in _TrainableParameters._live:  # returns None: the registration itself is left unchanged
+            if id(module) in listing._module_ids:
+                listing._stale = True
+
+    def clear(self) -> None:
+        self._model: nn.Module | None = None
+        self._module_ids: set[int] = set()
+        self._all: list[torch.Tensor] = []
+        self._stale = True
+
+    def __call__(self, model: nn.Module) -> list[torch.Tensor]:
+        if self._stale or model is not self._model:
+            self._module_ids = {id(m) for m in model.modules()}
+            self._all = list(model.parameters())  # yields a tied weight once, so it is perturbed once
+            self._model, self._stale = model, False
+        return [p for p in self._all if p.requires_grad]
+
+
 class _SAMStateCallback(TrainerCallback):
     """Drops per-run SAM state at each (re)start of the training loop, e.g. `auto_find_batch_size` retries."""
 
@@ -139,6 +183,7 @@ class _SAMStateCallback(TrainerCallback):
         if trainer is not None:
             trainer._sam_reset_window()
             trainer._sam_metrics.reset()
+            trainer._sam_parameters.clear()  # the Trainer may have wrapped the model anew
 
 
 class SAMMixin:
@@ -180,6 +225,7 @@ class SAMMixin:
         if sam_config.method == "flat_lora":
             self._sam_flat_lora_layers()  # raises now, before training, if there is nothing to perturb
         self._sam_backup = WeightBackup()
+        self._sam_parameters = _TrainableParameters()
         self._sam_looksam_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sam_metrics = _SAMMetrics()
         # True while the second pass runs the parent's `training_step` at w + e: subclasses that record their own
@@ -280,7 +326,8 @@ class SAMMixin:
 
     def _sam_second_pass(self, model, stash, num_items_in_batch, plan: _StepPlan, accumulated_grads) -> None:
         """Perturb with the current gradients, re-run `stash` at w + e (same RNG), restore w exactly."""
-        trainable = self._sam_trainable_parameters(model)
+        # "micro" has just listed them; listing walks every module (milliseconds on a LoRA model), so not twice.
+        trainable = accumulated_grads[0] if accumulated_grads is not None else self._sam_trainable_parameters(model)
         params = [p for p in trainable if p.grad is not None]  # no gradient in the first pass: not perturbed
         after_first_pass = capture_rng_state()
         backups = self._sam_backup.buffers_for(params)
@@ -369,10 +416,8 @@ class SAMMixin:
             )
         return layers
 
-    @staticmethod
-    def _sam_trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
-        # `parameters()` yields a tied weight once, so it is perturbed once.
-        return [p for p in model.parameters() if p.requires_grad]
+    def _sam_trainable_parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        return self._sam_parameters(model)
 
     def _sam_unscaled(self, norm: torch.Tensor) -> torch.Tensor:
         # fp16: the gradients carry GradScaler's factor; the logged norm should not.

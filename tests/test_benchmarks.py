@@ -26,7 +26,7 @@ def test_quick_tiny_benchmark_prints_every_row(tmp_path, capsys):
     out_json = tmp_path / "rows.json"
     assert bench.main(["--quick", "--tiny", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    rows = ["plain", "floor", "sam"]
+    rows = ["plain", "floor", "floor-2", "sam"]
     if importlib.util.find_spec("pytorch_optimizer") is not None:
         rows.append("peer")
     for case in bench.TINY_CASES:
@@ -38,6 +38,21 @@ def test_quick_tiny_benchmark_prints_every_row(tmp_path, capsys):
     assert {(s["case"], s["row"]) for s in summaries} == {(c, r) for c in bench.TINY_CASES for r in rows}
     for s in summaries:
         assert s["steps"] >= 1 and s["median_s"] > 0 and s["alloc_peak_mib"] > 0
+        # The passes are timed inside each step: every row runs at least one, and never longer than the step.
+        assert len(s["pass_times"]) == len(s["step_times"])
+        assert all(0 < p < t for p, t in zip(s["pass_times"], s["step_times"])), s
+        if s["row"] == "plain":  # one pass, so nothing to compare with the floor's work around two
+            assert s["extra_around_ms"] != s["extra_around_ms"]  # nan
+        elif s["row"] == "floor":
+            assert s["extra_around_ms"] == 0.0 and s["x_floor_around"] == 1.0
+        else:
+            expected = 1 + s["extra_around_ms"] / 1e3 / _floor_median(summaries, s["case"])
+            assert s["x_floor_around"] == pytest.approx(expected, rel=1e-12)
+
+
+def _floor_median(summaries, case):
+    (floor,) = [s for s in summaries if s["case"] == case and s["row"] == "floor"]
+    return floor["median_s"]
 
 
 def test_variant_table_entries_are_sam_arguments():

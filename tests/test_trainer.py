@@ -12,7 +12,7 @@ from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny
 from datasets import Dataset
 from torch import nn
 from torch.func import functional_call, grad
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 
@@ -289,6 +289,69 @@ def test_lora_trains_adapters_only_and_matches_the_reference(tmp_path):
     want = reference_sam_sgd(reference_model, windows_of(data, 4, 1, 3), lr=0.5, rho=0.05)
     assert set(want) == set(start) and all("lora_" in k for k in want)
     assert_updates_close(start, trainable_state(model), want)
+
+
+class UnfreezeAtStep(TrainerCallback):
+    """Freezes the embeddings when training starts (after the optimizer took them in) and unfreezes them later."""
+
+    def __init__(self, model, step):
+        self.weight, self.step = model.get_input_embeddings().weight, step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.weight.requires_grad_(False)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.weight.requires_grad_(True)
+
+
+def test_layer_unfrozen_during_training_is_perturbed_from_then_on(tmp_path):
+    # SAM lists the trainable parameters once per model; `requires_grad` must still be read at every step.
+    model = tiny_llama().double()
+    reference_model = copy.deepcopy(model)
+    data = lm_dataset(n=6)
+    args = SAMTrainingArguments(**sgd_args(tmp_path, per_device_train_batch_size=2, max_steps=3), sam_rho=0.05)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=data)
+    start = trainable_state(model)
+    trainer.add_callback(UnfreezeAtStep(model, step=1))
+    trainer.train()
+    windows = windows_of(data, 2, 1, 3)
+    embeddings = reference_model.get_input_embeddings().weight
+    embeddings.requires_grad_(False)
+    after_first = reference_sam_sgd(reference_model, windows[:1], lr=0.5, rho=0.05)
+    with torch.no_grad():
+        for name, p in reference_model.named_parameters():
+            if name in after_first:
+                p.copy_(after_first[name])
+    embeddings.requires_grad_(True)
+    want = reference_sam_sgd(reference_model, windows[1:], lr=0.5, rho=0.05)
+    assert_updates_close(start, trainable_state(model), want)
+
+
+def test_parameter_listing_follows_registrations_and_requires_grad():
+    from hf_sam.trainer import _TrainableParameters
+
+    listing = _TrainableParameters()
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+    def ids(params):
+        return [id(p) for p in params]
+
+    assert ids(listing(model)) == ids(model.parameters())
+    model[0].weight.requires_grad_(False)
+    assert ids(listing(model)) == ids(p for p in model.parameters() if p.requires_grad)
+    model.append(nn.Linear(2, 3))  # a new module (an adapter, a new head)
+    model[1].weight = nn.Parameter(torch.ones(2, 2))  # a replaced parameter
+    model[1].register_parameter("scale", nn.Parameter(torch.ones(())))
+    assert ids(listing(model)) == ids(p for p in model.parameters() if p.requires_grad)
+    other = nn.Linear(2, 2)  # another model: listed on its own
+    assert ids(listing(other)) == ids(other.parameters())
+    # Registrations outside the model leave the list alone: Llama's forward slices its ModuleList at every call.
+    llama = tiny_llama()
+    listed = listing(llama)
+    llama(torch.tensor([[1, 2, 3]]))
+    nn.Linear(2, 2)
+    assert not listing._stale and ids(listing(llama)) == ids(listed)
 
 
 class ConstantLoss(nn.Module):
