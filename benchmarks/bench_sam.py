@@ -5,6 +5,7 @@ Every row trains the same model on the same batch with the Hugging Face `Trainer
 - `plain`: one forward-backward pass per step (the Trainer as is).
 - `floor`: two forward-backward passes per step on the same inputs with no perturbation; the second pass's gradient
   is the one the optimizer uses. No SAM step can be cheaper: the ratio SAM / floor is SAM's own overhead.
+- `floor-2`: the floor again, in a process of its own (an A/A check of the method's noise).
 - `peer`: `pytorch_optimizer.SAM` (AdamW inside) driven by a minimal Trainer subclass, its documented two-step use.
 - one row per hf_sam variant in `VARIANTS` (a name and its `sam_*` arguments; `--variants` picks them).
 
@@ -14,13 +15,16 @@ every linear projection of the embedded SmolLM2-135M (420 small adapter tensors)
 Method (docs/benchmarks.md has the details): each row trains in its own process on one thread; all rows' processes
 live at once but run one step at a time, the row order rotating every step. A step's time is its CPU time
 (`time.process_time`) from the Trainer's `on_step_begin` to `on_step_end` (both passes, clipping, optimizer step);
-warm-up steps are dropped, and a ratio is the median over steps of (row's step k) / (reference's step k). Extra peak
-memory, in multiples of the trainable parameters' bytes, is the row's peak minus the plain row's peak, measured two
-ways: the bytes torch allocates (exact: `torch.profiler` memory events over a fresh 2-step run) and the resident set
-(the kernel's high-water mark, reset just before `train()`).
+warm-up steps are dropped, and a ratio is the median over steps of (row's step k) / (reference's step k). The time
+inside the forward-backward passes (`Trainer.training_step`) is measured too: every row's passes do the same work, so
+a row's time around them minus the floor's is what the row adds, free of the few per cent by which one process's
+passes run faster than another's (the A/A row shows that spread). Extra peak memory, in multiples of the trainable
+parameters' bytes, is the row's peak minus the plain row's peak, measured two ways: the bytes torch allocates (exact:
+`torch.profiler` memory events over a fresh 2-step run) and the resident set (the kernel's high-water mark, reset
+just before `train()`).
 
 Usage:
-    python benchmarks/bench_sam.py                 # both cases, ~8 minutes on 2 CPU cores
+    python benchmarks/bench_sam.py                 # both cases, ~12 minutes on 2 CPU cores
     python benchmarks/bench_sam.py --quick         # smoke run, rows in one process, ~2 minutes
     python benchmarks/bench_sam.py --quick --tiny  # tiny models, seconds (what tests/test_benchmarks.py runs)
     python benchmarks/bench_sam.py --variants sam asam looksam
