@@ -40,6 +40,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -495,6 +496,16 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _median_ci(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap confidence interval of the median (percentile method, fixed seed: the same data, the same CI)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = int(resamples * (1 - level) / 2)
+    return medians[tail], medians[-tail - 1]
+
+
 def summarize(case: str, results: dict[str, dict]) -> list[dict]:
     """One summary per row: median step time, ratios to floor and plain, extra peak memory over plain.
 
@@ -515,11 +526,14 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
     def around(row: str) -> list[float]:  # each step's time outside the forward-backward passes
         return [t - p for t, p in zip(results[row]["step_times"], results[row]["pass_times"])]
 
-    def extra_around_s(row: str) -> float:
-        """The row's work around the passes minus the floor's, step by step (median): what it adds to the floor."""
+    def added_around(row: str) -> list[float]:
+        """The row's work around the passes minus the floor's, step by step: what it adds to the floor."""
         if row == "plain":  # one pass, not two: its passes are not the floor's
-            return float("nan")
-        return _median([a - b for a, b in zip(around(row), around("floor"))])
+            return []
+        return [a - b for a, b in zip(around(row), around("floor"))]
+
+    def extra_around_s(row: str) -> float:
+        return _median(added_around(row))
 
     floor_median = _median(results["floor"]["step_times"])
 
@@ -539,6 +553,7 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
             "x_plain_mean": mean_ratio(row, "plain"),
             "around_ms": _median(around(row)) * 1e3,
             "extra_around_ms": extra_around_s(row) * 1e3,
+            "extra_around_ci_ms": [x * 1e3 for x in _median_ci(added_around(row))],
             "x_floor_around": 1 + extra_around_s(row) / floor_median,
             "x_floor_passes": ratio_of(row, "floor", "pass_times"),
             "extra_alloc_mib": extra(row, "alloc_peak_bytes") / 2**20,
@@ -566,15 +581,18 @@ def print_table(case: Case, rows: list[dict], info: dict) -> None:
         f"{info['tokens_per_step']} tokens per step\n"
     )
     print(
-        "| row | steps | median step (CPU s) | × floor | added to the floor's work around the passes (ms) "
+        "| row | steps | median step (CPU s) | × floor | added to the floor's work around the passes, ms (95% CI) "
         "| × floor, from that | × plain | extra peak, allocated (MiB) | × trainable "
         "| extra peak, RSS (MiB) | × trainable | × plain, mean |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        lo, hi = r["extra_around_ci_ms"]
+        added = "n/a" if math.isnan(lo) else f"{r['extra_around_ms']:+.1f} ({lo:+.1f} to {hi:+.1f})"
         print(
             f"| {r['row']} | {r['steps']} | {r['median_s']:.3f} | {r['x_floor']:.3f} | "
-            f"{_fmt(r['extra_around_ms'], '+.1f')} | {_fmt(r['x_floor_around'], '.4f')} | {r['x_plain']:.3f} | "
+            f"{added} | "
+            f"{_fmt(r['x_floor_around'], '.4f')} | {r['x_plain']:.3f} | "
             f"{r['extra_alloc_mib']:+.1f} | {r['extra_alloc_x_trainable']:+.2f} | "
             f"{_fmt(r['extra_rss_mib'], '+.1f')} | {_fmt(r['extra_rss_x_trainable'], '+.2f')} | "
             f"{r['x_plain_mean']:.3f} |"
