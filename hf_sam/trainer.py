@@ -149,8 +149,8 @@ class _TrainableParameters:
             torch_module.register_module_parameter_registration_hook(_TrainableParameters._registered)
             torch_module.register_module_module_registration_hook(_TrainableParameters._registered)
             _TrainableParameters._hooks_installed = True
-        _TrainableParameters._live.add(self)
         self.clear()
+        _TrainableParameters._live.add(self)  # after `clear`: the hook reads `_module_ids`
 
     @staticmethod
     def _registered(module: nn.Module, name: str, value: Any) -> None:
