@@ -532,9 +532,6 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
             return []
         return [a - b for a, b in zip(around(row), around("floor"))]
 
-    def extra_around_s(row: str) -> float:
-        return _median(added_around(row))
-
     floor_median = _median(results["floor"]["step_times"])
 
     trainable = results["plain"]["trainable_bytes"]
@@ -542,31 +539,35 @@ def summarize(case: str, results: dict[str, dict]) -> list[dict]:
     def extra(row: str, key: str) -> float:
         return results[row][key] - results["plain"][key]
 
-    return [
-        {
-            "case": case,
-            "row": row,
-            "steps": len(r["step_times"]),
-            "median_s": _median(r["step_times"]),
-            "x_floor": ratio(row, "floor"),
-            "x_plain": ratio(row, "plain"),
-            "x_plain_mean": mean_ratio(row, "plain"),
-            "around_ms": _median(around(row)) * 1e3,
-            "extra_around_ms": extra_around_s(row) * 1e3,
-            "extra_around_ci_ms": [x * 1e3 for x in _median_ci(added_around(row))],
-            "x_floor_around": 1 + extra_around_s(row) / floor_median,
-            "x_floor_passes": ratio_of(row, "floor", "pass_times"),
-            "extra_alloc_mib": extra(row, "alloc_peak_bytes") / 2**20,
-            "extra_alloc_x_trainable": extra(row, "alloc_peak_bytes") / trainable,
-            "extra_rss_mib": extra(row, "rss_peak_bytes") / 2**20,
-            "extra_rss_x_trainable": extra(row, "rss_peak_bytes") / trainable,
-            "alloc_peak_mib": r["alloc_peak_bytes"] / 2**20,
-            "rss_peak_mib": r["rss_peak_bytes"] / 2**20,
-            "step_times": r["step_times"],
-            "pass_times": r["pass_times"],
-        }
-        for row, r in results.items()
-    ]
+    summaries = []
+    for row, r in results.items():
+        added = added_around(row)
+        added_s = _median(added)
+        summaries.append(
+            {
+                "case": case,
+                "row": row,
+                "steps": len(r["step_times"]),
+                "median_s": _median(r["step_times"]),
+                "x_floor": ratio(row, "floor"),
+                "x_plain": ratio(row, "plain"),
+                "x_plain_mean": mean_ratio(row, "plain"),
+                "around_ms": _median(around(row)) * 1e3,
+                "extra_around_ms": added_s * 1e3,
+                "extra_around_ci_ms": [x * 1e3 for x in _median_ci(added)],
+                "x_floor_around": 1 + added_s / floor_median,
+                "x_floor_passes": ratio_of(row, "floor", "pass_times"),
+                "extra_alloc_mib": extra(row, "alloc_peak_bytes") / 2**20,
+                "extra_alloc_x_trainable": extra(row, "alloc_peak_bytes") / trainable,
+                "extra_rss_mib": extra(row, "rss_peak_bytes") / 2**20,
+                "extra_rss_x_trainable": extra(row, "rss_peak_bytes") / trainable,
+                "alloc_peak_mib": r["alloc_peak_bytes"] / 2**20,
+                "rss_peak_mib": r["rss_peak_bytes"] / 2**20,
+                "step_times": r["step_times"],
+                "pass_times": r["pass_times"],
+            }
+        )
+    return summaries
 
 
 def _fmt(value: float, spec: str) -> str:

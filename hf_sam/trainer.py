@@ -183,7 +183,7 @@ class _SAMStateCallback(TrainerCallback):
         if trainer is not None:
             trainer._sam_reset_window()
             trainer._sam_metrics.reset()
-            trainer._sam_parameters.clear()  # the Trainer may have wrapped the model anew
+            trainer._sam_trainable_parameters.clear()  # the Trainer may have wrapped the model anew
 
 
 class SAMMixin:
@@ -225,7 +225,7 @@ class SAMMixin:
         if sam_config.method == "flat_lora":
             self._sam_flat_lora_layers()  # raises now, before training, if there is nothing to perturb
         self._sam_backup = WeightBackup()
-        self._sam_parameters = _TrainableParameters()
+        self._sam_trainable_parameters = _TrainableParameters()  # called with the model: its trainable parameters
         self._sam_looksam_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sam_metrics = _SAMMetrics()
         # True while the second pass runs the parent's `training_step` at w + e: subclasses that record their own
@@ -326,7 +326,7 @@ class SAMMixin:
 
     def _sam_second_pass(self, model, stash, num_items_in_batch, plan: _StepPlan, accumulated_grads) -> None:
         """Perturb with the current gradients, re-run `stash` at w + e (same RNG), restore w exactly."""
-        # "micro" has just listed them; listing walks every module (milliseconds on a LoRA model), so not twice.
+        # "micro" has just listed them: the same list its set-aside gradients belong to.
         trainable = accumulated_grads[0] if accumulated_grads is not None else self._sam_trainable_parameters(model)
         params = [p for p in trainable if p.grad is not None]  # no gradient in the first pass: not perturbed
         after_first_pass = capture_rng_state()
@@ -415,9 +415,6 @@ class SAMMixin:
                 "layer. Wrap it with `peft.get_peft_model(model, LoraConfig(...))` or use `method='sam'`."
             )
         return layers
-
-    def _sam_trainable_parameters(self, model: nn.Module) -> list[torch.Tensor]:
-        return self._sam_parameters(model)
 
     def _sam_unscaled(self, norm: torch.Tensor) -> torch.Tensor:
         # fp16: the gradients carry GradScaler's factor; the logged norm should not.
