@@ -156,6 +156,27 @@ def test_minilm_path_points_at_the_installed_checkpoint():
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+# ---- the scripts leave the environment alone ------------------------------------------------------------------------
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@pytest.mark.parametrize("script", ["sft_lora.py", "text_classification.py", "demo.py"])
+def test_example_does_not_force_offline_mode(script, tmp_path):
+    """Importing an example and asking for `--help` must not set `HF_HUB_OFFLINE` (hub ids must keep working)."""
+    code = (
+        "import json, os, runpy, sys\n"
+        f"module = runpy.run_path({str(EXAMPLES / script)!r}, run_name='example_under_test')\n"
+        "try:\n    module['main'](['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print(json.dumps({{k: os.environ.get(k) for k in {OFFLINE_VARS!r}}}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == dict.fromkeys(OFFLINE_VARS)
+
+
 # ---- end to end (slow) ----------------------------------------------------------------------------------------------
 def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
