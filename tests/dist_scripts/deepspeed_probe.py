@@ -45,6 +45,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -52,7 +53,22 @@ import torch
 VOCAB, LENGTH = 48, 12
 RHO, LR = 0.5, 0.5
 GLOBAL_BATCH, ACCUMULATION, STEPS = 4, 2, 2
-RUNS = ("plain", "sam-global", "sam-local", "naive")
+RUNS = (
+    "plain",
+    "plain-resume",
+    "sam-global",
+    "sam-global-resume",
+    "sam-local",
+    "plain-bf16",
+    "sam-global-bf16",
+    "naive",
+)
+# ZeRO configurations: "2-overlap" is ZeRO-2 with overlapped communication and small buckets (many reductions).
+STAGES = {
+    "1": {"stage": 1},
+    "2": {"stage": 2},
+    "2-overlap": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500},
+}
 
 
 # ---- the shared setup -----------------------------------------------------------------------------------------------
@@ -103,14 +119,15 @@ def training_kwargs(out: Path, world_size: int) -> dict:
     )
 
 
-def deepspeed_config(stage: int) -> dict:
+def deepspeed_config(stage: str) -> dict:
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": STAGES[stage],
         "zero_allow_untested_optimizer": True,  # the Trainer's torch.optim.SGD, as in the reference
+        "bf16": {"enabled": "auto"},  # from TrainingArguments(bf16=...): bf16 weights, fp32 master in the partitions
     }
 
 
@@ -258,7 +275,11 @@ def naive_trainer_class():
 
 
 # ---- one run on one rank (under torchrun) ---------------------------------------------------------------------------
-def worker(out: Path, stage: int, run: str) -> None:
+def _base_run(run: str) -> str:
+    return run.removesuffix("-resume").removesuffix("-bf16")
+
+
+def worker(out: Path, stage: str, run: str) -> None:
     from transformers import Trainer, TrainingArguments
 
     from hf_sam import SAMConfig
@@ -266,27 +287,35 @@ def worker(out: Path, stage: int, run: str) -> None:
     torch.set_num_threads(1)
     world_size = int(os.environ["WORLD_SIZE"])
     kwargs = training_kwargs(out / f"trainer-{stage}-{run}", world_size)
-    kwargs["deepspeed"] = deepspeed_config(stage)
+    kwargs.update(deepspeed=deepspeed_config(stage), bf16=run.endswith("-bf16"))
+    base = _base_run(run)
+    resume_from = None
+    if run in ("plain", "sam-global"):  # checkpoints at every step, for the resume runs
+        kwargs.update(save_strategy="steps", save_steps=1)
+    if run.endswith("-resume"):
+        resume_from = str(out / f"trainer-{stage}-{base}" / "checkpoint-1")
     model = tiny_llama()
     start = state_of(model)
-    if run == "plain":
+    if base == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=dataset())
-    elif run == "naive":
+    elif base == "naive":
         # Plain TrainingArguments: SAMTrainingArguments refuses `deepspeed=` itself, before the Trainer is built.
         args = TrainingArguments(**kwargs)
         trainer = naive_trainer_class()(model=model, args=args, train_dataset=dataset(), sam_config=SAMConfig(rho=RHO))
     else:
         cls = sam_trainer_class()
-        sync = run.split("-")[1]
+        sync = base.split("-")[1]
         trainer = cls(
             model=model, args=TrainingArguments(**kwargs), train_dataset=dataset(), sam_rho=RHO, sam_sync=sync
         )
     t0 = time.perf_counter()
     error = None
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_from)
     except Exception as err:  # the naive run may fail: that is a result too
-        error = f"{type(err).__name__}: {err}"
+        where = traceback.extract_tb(err.__traceback__)
+        frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in where[-4:]]
+        error = f"{type(err).__name__}: {err} (at {' <- '.join(reversed(frames))})"
     seconds = time.perf_counter() - t0
     engine = trainer.model_wrapped
     rank = trainer.args.process_index
@@ -298,12 +327,10 @@ def worker(out: Path, stage: int, run: str) -> None:
             "seconds": seconds,
             "backend": torch.distributed.get_backend(),
             "engine": type(engine).__name__,
-            "zero_stage": int(engine.zero_optimization_stage())
-            if hasattr(engine, "zero_optimization_stage")
-            else None,
+            "zero_config": STAGES[stage],
             "zero_optimizer": type(getattr(engine, "optimizer", None)).__name__,
+            "dtype": str(next(trainer.model.parameters()).dtype),
             "global_steps": getattr(engine, "global_steps", None),
-            "micro_steps": getattr(engine, "micro_steps", None),
             "diagnostics": getattr(trainer, "diagnostics", None),
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         },
@@ -371,11 +398,11 @@ def launch(out: Path, stage: int, run: str, nproc: int) -> tuple[int, float, str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--probe-stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-stage", help=argparse.SUPPRESS)
     parser.add_argument("--probe-run", help=argparse.SUPPRESS)
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -393,24 +420,27 @@ def main() -> int:
     refs = references(a.out)
     print("references (1 process, no DeepSpeed): " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in refs.items()))
     rows = []
+    finals: dict[tuple[str, str], dict] = {}
     for stage in a.stages:
         for run in a.runs:
             rc, seconds, log = launch(a.out, stage, run, a.nproc)
             row = {"stage": stage, "run": run, "rc": rc, "launch_s": round(seconds, 1)}
             if rc != 0:
                 (a.out / f"{stage}-{run}.log").write_text(log)
-                row["error"] = log.strip().splitlines()[-1][:200] if log.strip() else "no output"
+                row["error"] = log.strip().splitlines()[-1][:300] if log.strip() else "no output"
                 rows.append(row)
                 print(json.dumps(row))
                 continue
             ranks = [torch.load(a.out / f"{stage}-{run}.rank{r}.pt", weights_only=False) for r in range(a.nproc)]
             r0 = ranks[0]
-            ref = refs["plain" if run == "plain" else "sam"]
+            finals[stage, run] = r0["state"]
+            ref = refs["plain" if _base_run(run) == "plain" else "sam"]
             row.update(
                 backend=r0["backend"],
                 engine=r0["engine"],
-                zero_stage=r0["zero_stage"],
+                zero_config=r0["zero_config"],
                 zero_optimizer=r0["zero_optimizer"],
+                dtype=r0["dtype"],
                 global_steps=r0["global_steps"],
                 train_s=round(r0["seconds"], 2),
                 error=r0["error"],
@@ -421,6 +451,11 @@ def main() -> int:
                 losses=r0["losses"],
                 reference_losses=ref["losses"],
             )
+            if run.endswith("-resume") and (stage, _base_run(run)) in finals:
+                uninterrupted = finals[stage, _base_run(run)]
+                row["bit_identical_to_uninterrupted"] = all(
+                    torch.equal(r0["state"][k], v) for k, v in uninterrupted.items()
+                )
             if r0["diagnostics"]:
                 row["diagnostics"] = r0["diagnostics"]
             rows.append(row)
