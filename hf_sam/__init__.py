@@ -2,7 +2,7 @@
 
 from .analysis import SharpnessCallback
 from .config import SAMArguments, SAMConfig, SAMTrainingArguments
-from .trainer import SAMMixin, SAMTrainer
+from .trainer import SAMMixin, SAMTrainer, enable_sam
 
 __version__ = "0.1.0"
 
@@ -14,4 +14,5 @@ __all__ = [
     "SAMTrainingArguments",
     "SharpnessCallback",
     "__version__",
+    "enable_sam",
 ]

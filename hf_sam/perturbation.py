@@ -18,13 +18,14 @@ GradScaler-scaled gradients give the same e as unscaled ones and are never unsca
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["WeightBackup", "global_norm", "perturb_", "restore_"]
+__all__ = ["TensorKeyed", "WeightBackup", "global_norm", "perturb_", "restore_"]
 
 
 def _group_by_device(tensors: Sequence[torch.Tensor], with_dtype: bool = False) -> dict[Any, list[int]]:
@@ -119,36 +120,81 @@ def restore_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) ->
     torch._foreach_copy_(_local(params), _local(backups))
 
 
+class TensorKeyed:
+    """A dict keyed by tensor identity that holds its keys weakly: an entry goes when its tensor goes.
+
+    SAM's per-parameter state (weight backups, LookSAM's cache) must not keep a model alive after the Trainer replaced
+    it (`model_init` in a hyperparameter search). `weakref.WeakKeyDictionary` cannot hold tensors: it compares keys
+    with `==`, which is elementwise for tensors.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._entries[key]
+
+    def get(self, tensor: torch.Tensor, default: Any = None) -> Any:
+        entry = self._entries.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else default
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        entry = self._entries.get(id(tensor))
+        return entry is not None and entry[0]() is tensor
+
+    def __getitem__(self, tensor: torch.Tensor) -> Any:
+        if tensor not in self:
+            raise KeyError(f"tensor of shape {tuple(tensor.shape)}")
+        return self._entries[id(tensor)][1]
+
+    def __setitem__(self, tensor: torch.Tensor, value: Any) -> None:
+        key = id(tensor)
+        self._entries[key] = (weakref.ref(tensor, lambda ref, key=key: self._forget(key, ref)), value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> list[tuple[torch.Tensor, Any]]:
+        """The live (tensor, value) pairs."""
+        return [(t, v) for ref, v in self._entries.values() if (t := ref()) is not None]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class WeightBackup:
     """Persistent buffers that hold w during the second pass, reused across steps (no per-step allocation).
 
     One buffer per parameter ever perturbed, so a parameter set that varies between steps (mixture-of-experts
     routing, layers unfrozen by a callback) reallocates nothing after the first time. The buffers of the parameters
     first seen together are views of one block per device and dtype: one allocation instead of hundreds under LoRA,
-    and no small chunks left scattered over the allocator's heap.
+    and no small chunks left scattered over the allocator's heap. Parameters are held weakly: a buffer goes with
+    its parameter (a block, with the last of its parameters).
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers = TensorKeyed()
 
     def buffers_for(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Return one buffer per parameter of `params`, in order."""
 
         def fits(p: torch.Tensor) -> bool:
-            entry = self._buffers.get(id(p))
-            return entry is not None and entry[0] is p and entry[1].shape == p.shape and entry[1].dtype == p.dtype
+            buffer = self._buffers.get(p)
+            return buffer is not None and buffer.shape == p.shape and buffer.dtype == p.dtype
 
         missing = list({id(p): p for p in params if not fits(p)}.values())
         flat = [p for p in missing if p.is_contiguous() and not hasattr(p, "to_local")]
         for p in missing:  # DTensor shards and non-contiguous layouts: a buffer of their own, like them
             if not (p.is_contiguous() and not hasattr(p, "to_local")):
-                self._buffers[id(p)] = (p, torch.empty_like(p))
+                self._buffers[p] = torch.empty_like(p)
         for idx in _group_by_device(flat, with_dtype=True).values():
             group = [flat[i] for i in idx]
             block = torch.empty(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
             for p, view in zip(group, block.split([p.numel() for p in group])):
-                self._buffers[id(p)] = (p, view.view(p.shape))
-        return [self._buffers[id(p)][1] for p in params]
+                self._buffers[p] = view.view(p.shape)
+        return [self._buffers[p] for p in params]
 
     def clear(self) -> None:
         """Free the buffers."""

@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from .config import SAMArguments, SAMConfig
 from .distributed import defers_unsynchronised_gradients, gradient_sync, unsupported_setup_reason
-from .perturbation import WeightBackup, perturb_, restore_
+from .model_card import add_sam_to_model_card
+from .perturbation import TensorKeyed, WeightBackup, perturb_, restore_
 from .rng import RNGState, capture_rng_state, restore_rng_state
+from .side_effects import restore_bookkeeping, restore_buffers, save_buffers, snapshot_bookkeeping
 from .variants import (
     NoisyLinearFunction,
     flat_lora_seed,
@@ -45,7 +47,7 @@ from .variants import (
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["SAM_STATE_NAME", "SAMMixin", "SAMTrainer"]
+__all__ = ["SAM_STATE_NAME", "SAMMixin", "SAMTrainer", "enable_sam"]
 
 SAM_STATE_NAME = "sam_state.pt"
 
@@ -128,62 +130,62 @@ class _SAMMetrics:
         return logs
 
 
-class _TrainableParameters:
-    """A model's trainable parameters, listed once and listed again only after the model's structure changed.
+class _ModelListing:
+    """A model's trainable parameters and buffers, listed once and listed again only after its structure changed.
 
     Listing walks every module: milliseconds per step on a LoRA model with thousands of modules, more than SAM's own
-    work there. A registration into one of the model's modules (`register_parameter`, `add_module`, assigning a
-    module or parameter attribute: PEFT adding an adapter, resized embeddings) goes through torch's global
-    registration hooks and marks the list stale; registrations elsewhere (a model's forward slicing its `ModuleList`
-    builds a new container each time) do not. `requires_grad` is read afresh at every call, so freezing and
-    unfreezing layers during training needs no new listing.
+    work there. A registration into one of the model's modules (`register_parameter`, `register_buffer`,
+    `add_module`, assigning a module or parameter attribute: PEFT adding an adapter, resized embeddings) goes through
+    torch's global registration hooks and marks the list stale; registrations elsewhere (a model's forward slicing its
+    `ModuleList` builds a new container each time) do not. `requires_grad` is read afresh at every call, so freezing
+    and unfreezing layers during training needs no new listing. The model is held weakly, and the listing is dropped
+    with it: SAM never keeps a model alive that the Trainer replaced (`model_init`).
     """
 
-    _live: weakref.WeakSet[_TrainableParameters] = weakref.WeakSet()
+    _live: weakref.WeakSet[_ModelListing] = weakref.WeakSet()
     _hooks_installed = False
 
     def __init__(self) -> None:
-        if not _TrainableParameters._hooks_installed:
+        if not _ModelListing._hooks_installed:
             from torch.nn.modules import module as torch_module
 
-            torch_module.register_module_parameter_registration_hook(_TrainableParameters._registered)
-            torch_module.register_module_module_registration_hook(_TrainableParameters._registered)
-            _TrainableParameters._hooks_installed = True
+            torch_module.register_module_parameter_registration_hook(_ModelListing._registered)
+            torch_module.register_module_module_registration_hook(_ModelListing._registered)
+            torch_module.register_module_buffer_registration_hook(_ModelListing._registered)
+            _ModelListing._hooks_installed = True
         self.clear()
-        _TrainableParameters._live.add(self)  # after `clear`: the hook reads `_module_ids`
+        _ModelListing._live.add(self)  # after `clear`: the hook reads `_module_ids`
 
     @staticmethod
     def _registered(module: nn.Module, name: str, value: Any) -> None:
-        for listing in _TrainableParameters._live:  # returns None: the registration itself is left unchanged
+        for listing in _ModelListing._live:  # returns None: the registration itself is left unchanged
             if id(module) in listing._module_ids:
                 listing._stale = True
 
-    def clear(self) -> None:
-        self._model: nn.Module | None = None
+    def clear(self, *_: Any) -> None:
+        self._model: weakref.ref | None = None
         self._module_ids: set[int] = set()
         self._all: list[torch.Tensor] = []
+        self._buffer_owners: list[tuple[nn.Module, str]] = []
         self._stale = True
 
-    def __call__(self, model: nn.Module) -> list[torch.Tensor]:
-        if self._stale or model is not self._model:
-            self._module_ids = {id(m) for m in model.modules()}
+    def _refresh(self, model: nn.Module) -> None:
+        if self._stale or self._model is None or self._model() is not model:
+            modules = list(model.modules())
+            self._module_ids = {id(m) for m in modules}
             self._all = list(model.parameters())  # yields a tied weight once, so it is perturbed once
-            self._model, self._stale = model, False
+            self._buffer_owners = [(m, n) for m in modules for n, b in m._buffers.items() if b is not None]
+            self._model, self._stale = weakref.ref(model, self.clear), False
+
+    def __call__(self, model: nn.Module) -> list[torch.Tensor]:
+        """The trainable parameters of `model`."""
+        self._refresh(model)
         return [p for p in self._all if p.requires_grad]
 
-
-class _SAMStateCallback(TrainerCallback):
-    """Drops per-run SAM state at each (re)start of the training loop, e.g. `auto_find_batch_size` retries."""
-
-    def __init__(self, trainer: SAMMixin) -> None:
-        self._trainer = weakref.ref(trainer)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if trainer is not None:
-            trainer._sam_reset_window()
-            trainer._sam_metrics.reset()
-            trainer._sam_trainable_parameters.clear()  # the Trainer may have wrapped the model anew
+    def buffer_owners(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Every buffer of `model` as (owning module, name)."""
+        self._refresh(model)
+        return self._buffer_owners
 
 
 class SAMMixin:
@@ -205,14 +207,43 @@ class SAMMixin:
     def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
         if sam_config is not None and not isinstance(sam_config, SAMConfig):
             raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
+        refusal = _generating_trainer_reason(type(self))
+        if refusal is not None:  # before the parent's constructor: it may load models or start a generation server
+            raise ValueError(refusal)
         super().__init__(*args, **kwargs)
-        if sam_config is None:
-            if isinstance(self.args, SAMArguments):
-                sam_config = self.args.to_sam_config()
-            else:
-                sam_config = SAMConfig()
-                logger.info(f"No `sam_config` and no `sam_*` fields in the arguments: using {sam_config}.")
-        self.sam_config = sam_config
+        self._sam_setup(sam_config)
+
+    def _sam_setup(self, sam_config: SAMConfig | None) -> None:
+        """Everything SAM adds to a constructed Trainer; `enable_sam` calls it on a Trainer built elsewhere."""
+        if sam_config is not None and not isinstance(sam_config, SAMConfig):
+            raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
+        refusal = _generating_trainer_reason(type(self))
+        if refusal is not None:
+            raise ValueError(refusal)
+        # Without an explicit config, the `sam_*` fields of the live `args` are read again at the start of every
+        # training run: a hyperparameter search sets them per trial.
+        self._sam_explicit_config = sam_config
+        self.sam_config = self._sam_current_config()
+        self._sam_check_setup()
+        self._sam_backup = WeightBackup()
+        self._sam_listing = _ModelListing()  # the model's trainable parameters and buffers
+        self._sam_looksam_cache = TensorKeyed()  # parameter -> g_v
+        self._sam_metrics = _SAMMetrics()
+        # True while the second pass runs the parent's `training_step` at w + e.
+        self._sam_in_perturbed_pass = False
+        self._sam_run_state: Any = None  # the `TrainerState` of the run SAM last saw: a new one is a new run
+        self._sam_reset_window()
+
+    def _sam_current_config(self) -> SAMConfig:
+        if self._sam_explicit_config is not None:
+            return self._sam_explicit_config
+        if isinstance(self.args, SAMArguments):
+            return self.args.to_sam_config()  # validates: the same errors as at construction
+        logger.info("No `sam_config` and no `sam_*` fields in the arguments: using the `SAMConfig` defaults.")
+        return SAMConfig()
+
+    def _sam_check_setup(self) -> None:
+        """Refuse setups SAM cannot run in, before any weight changes."""
         reason = unsupported_setup_reason(self)
         if reason is not None:
             raise ValueError(reason)
@@ -222,17 +253,17 @@ class SAMMixin:
                 "step at the perturbed weights. Use an optimizer that steps after `backward`, e.g. `adamw_torch`, "
                 "`sgd` or `adafactor`."
             )
-        if sam_config.method == "flat_lora":
+        if self.sam_config.method == "flat_lora":
             self._sam_flat_lora_layers()  # raises now, before training, if there is nothing to perturb
-        self._sam_backup = WeightBackup()
-        self._sam_trainable_parameters = _TrainableParameters()  # called with the model: its trainable parameters
-        self._sam_looksam_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._sam_metrics = _SAMMetrics()
-        # True while the second pass runs the parent's `training_step` at w + e: subclasses that record their own
-        # metrics in `compute_loss` (TRL's trainers) read it to keep the perturbed pass out of them.
-        self._sam_in_perturbed_pass = False
+
+    def _sam_begin_run(self) -> None:
+        """Start of a training run (a `train()` call, an `auto_find_batch_size` retry, a search trial)."""
+        self.sam_config = self._sam_current_config()
+        self._sam_check_setup()
         self._sam_reset_window()
-        self.add_callback(_SAMStateCallback(self))
+        self._sam_metrics.reset()
+        self._sam_listing.clear()  # the Trainer may have wrapped or replaced the model
+        self._sam_run_state = self.state
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def training_step(
@@ -242,6 +273,8 @@ class SAMMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """One micro-batch of SAM; returns the clean (unperturbed) loss, as the Trainer reports it."""
+        if self.state is not self._sam_run_state:  # each run builds a new `TrainerState`
+            self._sam_begin_run()
         if self._sam_window_step != self.state.global_step:  # first micro-batch of an accumulation window
             self._sam_reset_window()
             self._sam_window_step = self.state.global_step
@@ -259,7 +292,8 @@ class SAMMixin:
         return self._sam_exact_step(model, inputs, num_items_in_batch, plan)
 
     def _sam_reset_window(self) -> None:
-        self._sam_stash: list[tuple[dict[str, Any], RNGState]] = []
+        # Per micro-batch of the window: its inputs, and the RNG states and buffers its clean pass started from.
+        self._sam_stash: list[tuple[dict[str, Any], RNGState, list]] = []
         self._sam_window_step = -1
         self._sam_micro_index = -1
         self._sam_plan = _StepPlan("plain")
@@ -284,7 +318,7 @@ class SAMMixin:
         return _StepPlan("sam", rho)
 
     def _sam_exact_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
-        self._sam_stash.append((inputs, capture_rng_state()))
+        self._sam_stash.append((inputs, capture_rng_state(), save_buffers(self._sam_listing.buffer_owners(model))))
         last = self.accelerator.sync_gradients
         # Micro-batches before the last are already inside the Trainer's `no_sync`.
         with gradient_sync(model, enabled=last and self.sam_config.sync == "global"):
@@ -298,11 +332,11 @@ class SAMMixin:
         return clean_loss
 
     def _sam_micro_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
-        trainable = self._sam_trainable_parameters(model)
+        trainable = self._sam_listing(model)
         accumulated = [p.grad for p in trainable]  # set aside, never wiped
         for p in trainable:
             p.grad = None
-        rng = capture_rng_state()
+        rng, buffers = capture_rng_state(), save_buffers(self._sam_listing.buffer_owners(model))
         try:
             with gradient_sync(model, enabled=self.sam_config.sync == "global"):
                 clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
@@ -311,7 +345,7 @@ class SAMMixin:
                 p.grad = g
             raise
         self._sam_metrics.step_clean = self._sam_metrics.step_clean + clean_loss
-        self._sam_second_pass(model, [(inputs, rng)], num_items_in_batch, plan, (trainable, accumulated))
+        self._sam_second_pass(model, [(inputs, rng, buffers)], num_items_in_batch, plan, (trainable, accumulated))
         if self.accelerator.sync_gradients:
             self._sam_metrics.end_step(self.args.logging_nan_inf_filter)
         return clean_loss
@@ -327,7 +361,7 @@ class SAMMixin:
     def _sam_second_pass(self, model, stash, num_items_in_batch, plan: _StepPlan, accumulated_grads) -> None:
         """Perturb with the current gradients, re-run `stash` at w + e (same RNG), restore w exactly."""
         # "micro" has just listed them: the same list its set-aside gradients belong to.
-        trainable = accumulated_grads[0] if accumulated_grads is not None else self._sam_trainable_parameters(model)
+        trainable = accumulated_grads[0] if accumulated_grads is not None else self._sam_listing(model)
         params = [p for p in trainable if p.grad is not None]  # no gradient in the first pass: not perturbed
         after_first_pass = capture_rng_state()
         backups = self._sam_backup.buffers_for(params)
@@ -346,9 +380,14 @@ class SAMMixin:
             # FSDP2 keeps an unsynchronised gradient inside FSDP, where the next micro-batch's (synchronised) clean
             # pass would reduce it together with its own: in "micro" mode every perturbed pass synchronises there.
             last = last or (accumulated_grads is not None and defers_unsynchronised_gradients(model))
+            # What the clean pass(es) left besides the weights: module buffers (BatchNorm statistics) and the
+            # Trainer subclass's own bookkeeping (TRL's token counts and metrics). Put back after the passes.
+            after_clean_buffers = save_buffers(self._sam_listing.buffer_owners(model))
+            saved_bookkeeping = snapshot_bookkeeping(self)
             self._sam_in_perturbed_pass = True
-            for i, (micro_inputs, rng) in enumerate(stash):
+            for i, (micro_inputs, rng, buffers) in enumerate(stash):
                 restore_rng_state(rng)  # same dropout masks as the clean pass
+                restore_buffers(buffers)  # same running statistics as the clean pass
                 with gradient_sync(model, enabled=last and i == len(stash) - 1):
                     perturbed_loss = super().training_step(model, micro_inputs, num_items_in_batch)
                 self._sam_metrics.step_perturbed = self._sam_metrics.step_perturbed + perturbed_loss
@@ -358,21 +397,26 @@ class SAMMixin:
             restore_rng_state(after_first_pass)
             raise
         finally:
+            if self._sam_in_perturbed_pass:
+                restore_buffers(after_clean_buffers)
+                restore_bookkeeping(self, saved_bookkeeping)
             self._sam_in_perturbed_pass = False
             restore_(params, backups)
         if e:
             sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             looksam_orthogonal_(e, sam_grads, plan.rho)
-            self._sam_looksam_cache = {id(p): (p, g_v) for p, g_v in zip(params, e)}
+            self._sam_looksam_cache = TensorKeyed()
+            for p, g_v in zip(params, e):
+                self._sam_looksam_cache[p] = g_v
 
     def _sam_looksam_reuse_step(self, model, inputs, num_items_in_batch):
         """LookSAM between full SAM steps: one pass, then g <- g + alpha (||g||/||g_v||) g_v at the window's end."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
             pairs = [
-                (p.grad, self._sam_looksam_cache[id(p)][1])
-                for p in self._sam_trainable_parameters(model)
-                if p.grad is not None and id(p) in self._sam_looksam_cache
+                (p.grad, self._sam_looksam_cache[p])
+                for p in self._sam_listing(model)
+                if p.grad is not None and p in self._sam_looksam_cache
             ]
             if pairs:
                 grads, g_v = zip(*pairs)
@@ -429,6 +473,20 @@ class SAMMixin:
             logs.update(self._sam_metrics.pop(self.accelerator))
         super().log(logs, *args, **kwargs)
 
+    # ---- model card --------------------------------------------------------------------------------------------
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The parent's model card, naming SAM (or its variant), its settings and its paper."""
+        tags = kwargs.pop("tags", None)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        kwargs["tags"] = tags + [t for t in ("hf_sam", "sam") if t not in tags]
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                card = f.read()
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(add_sam_to_model_card(card, self.sam_config))
+
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _sam_state_file(self) -> str:
         # LookSAM's cache can differ between processes only in its rounding; each process keeps its own.
@@ -440,7 +498,7 @@ class SAMMixin:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return {
             "config": dataclasses.asdict(self.sam_config),
-            "looksam_cache": {names[k]: g_v for k, (_, g_v) in self._sam_looksam_cache.items() if k in names},
+            "looksam_cache": {names[id(p)]: g_v for p, g_v in self._sam_looksam_cache.items() if id(p) in names},
         }
 
     def _sam_load_state_dict(self, state: dict[str, Any]) -> None:
@@ -450,9 +508,9 @@ class SAMMixin:
                 f"checkpoint's {state.get('config')}."
             )
         params = dict(self.model.named_parameters())
-        self._sam_looksam_cache = {
-            id(params[n]): (params[n], g_v.to(params[n].device)) for n, g_v in state["looksam_cache"].items()
-        }
+        self._sam_looksam_cache = TensorKeyed()
+        for name, g_v in state["looksam_cache"].items():
+            self._sam_looksam_cache[params[name]] = g_v.to(params[name].device)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Save SAM's state (`sam_state.pt`) beside the optimizer's, whose `optimizer.pt` stays untouched."""
@@ -470,6 +528,66 @@ class SAMMixin:
             self._sam_load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             logger.warning(f"No SAM state in {checkpoint} (a checkpoint from a plain Trainer?): starting it afresh.")
+
+
+# Trainers whose `training_step` generates completions and scores them (TRL's online methods): the perturbed pass
+# would generate anew and call the reward functions again, training on a different batch.
+_GENERATING_TRAINERS = {"GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "XPOTrainer", "NashMDTrainer", "PPOTrainer"}
+_GENERATING_METHODS = ("_generate_and_score_completions", "_generate", "generate_on_policy_outputs")
+
+
+def _generating_trainer_reason(cls: type) -> str | None:
+    """Why SAM refuses this Trainer class (it generates inside `training_step`), or `None`."""
+    for base in cls.__mro__:
+        generates = base.__name__ in _GENERATING_TRAINERS or any(m in vars(base) for m in _GENERATING_METHODS)
+        if generates and base.__module__.split(".")[0] != "hf_sam":
+            return (
+                f"SAM does not support `{cls.__name__}`: it generates completions inside `training_step` (through "
+                f"`{base.__name__}`), so SAM's perturbed pass would generate and score new completions and train on a "
+                "different batch. Supported: trainers whose `training_step` is one forward-backward on the given "
+                "batch: `Trainer`, `Seq2SeqTrainer` and TRL's SFT, DPO, Reward, KTO and ORPO trainers."
+            )
+    return None
+
+
+_SAM_CLASSES: dict[type, type] = {}
+
+
+def enable_sam(trainer: Trainer, sam_config: SAMConfig | None = None) -> Trainer:
+    """Make an already constructed Trainer train with SAM, in place, and return it.
+
+    For Trainers built by a framework (Axolotl, LLaMA-Factory, a TRL script): the object becomes an instance of
+    `SAMMixin` in front of its own class, with the same validation, refusals, metrics and checkpoint state as a
+    class written `class MyTrainer(SAMMixin, TheirTrainer)`.
+
+    Args:
+        trainer (`transformers.Trainer`): A constructed Trainer of any subclass, before `train()`.
+        sam_config (`SAMConfig`, *optional*): The SAM settings; by default the `sam_*` fields of `trainer.args` (a
+            `SAMArguments`), else `SAMConfig()`.
+
+    Returns:
+        The same `trainer`.
+
+    Raises:
+        `ValueError`: as `SAMMixin` does (an unsupported setup or trainer), or when `trainer` already has SAM.
+    """
+    refusal = _generating_trainer_reason(type(trainer))
+    if refusal is not None:
+        raise ValueError(refusal)
+    if isinstance(trainer, SAMMixin):
+        raise ValueError(f"`{type(trainer).__name__}` already trains with SAM; `enable_sam` takes a plain Trainer.")
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"`enable_sam` takes a `transformers.Trainer`, got {type(trainer).__name__}.")
+    cls = type(trainer)
+    if cls not in _SAM_CLASSES:
+        _SAM_CLASSES[cls] = type(f"SAM{cls.__name__}", (SAMMixin, cls), {"__module__": cls.__module__})
+    trainer.__class__ = _SAM_CLASSES[cls]
+    try:
+        trainer._sam_setup(sam_config)
+    except BaseException:
+        trainer.__class__ = cls
+        raise
+    return trainer
 
 
 def _leading_fraction(inputs: dict[str, Any], fraction: float) -> tuple[dict[str, Any], float]:

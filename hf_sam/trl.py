@@ -1,10 +1,10 @@
 """SAM for TRL's trainers: `SAMSFTTrainer` with `SAMSFTConfig`, `SAMDPOTrainer` with `SAMDPOConfig`.
 
 This module imports `trl`; `import hf_sam` does not, so TRL stays optional. Each trainer is `SAMMixin` in front of
-TRL's trainer, plus one fix: TRL records its own metrics (entropy, token accuracy, token count, DPO rewards) inside
-`compute_loss`, which SAM runs twice per micro-batch. The second run, at the perturbed weights w + e, would count every
-token twice and mix perturbed values into the averages, so its records are dropped: TRL's metrics stay those of the
-clean pass, as in a run without SAM. The perturbed loss is reported in `sam_perturbed_loss`.
+TRL's trainer and nothing more: `class SAMKTOTrainer(SAMMixin, KTOTrainer)` is as right as these. TRL records its own
+metrics (entropy, token accuracy, token count, DPO rewards) inside `compute_loss`, which SAM runs twice per
+micro-batch; `SAMMixin` puts every plain-data attribute of the trainer back after the perturbed pass, so TRL's metrics
+stay those of the clean pass, as in a run without SAM. The perturbed loss is reported in `sam_perturbed_loss`.
 
 DPO is supported: the reference log-probabilities come from a separate reference model, from the policy with its
 adapters disabled (PEFT), or from the dataset (`precompute_ref_log_probs`). SAM perturbs only the policy's trainable
@@ -15,7 +15,6 @@ an unchanged reference, which is what SAM asks for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .config import SAMArguments
 from .trainer import SAMMixin
@@ -29,36 +28,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 __all__ = ["SAMDPOConfig", "SAMDPOTrainer", "SAMSFTConfig", "SAMSFTTrainer"]
-
-
-class _CleanPassMetricsOnly:
-    """Drops what TRL's `compute_loss` records during SAM's perturbed pass (metrics and the running token count)."""
-
-    def compute_loss(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ) -> Any:
-        """TRL's `compute_loss`; in SAM's perturbed pass, its metric records are undone afterwards."""
-        if not getattr(self, "_sam_in_perturbed_pass", False):
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        metrics = getattr(self, "_metrics", {}).get("train")
-        saved_metrics = {key: list(values) for key, values in metrics.items()} if metrics is not None else None
-        saved_tokens = getattr(self, "_total_train_tokens", None)
-        try:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        finally:
-            if metrics is not None:
-                metrics.clear()  # keeps the `defaultdict(list)` that TRL appends to
-                metrics.update(saved_metrics)
-            if saved_tokens is not None:
-                self._total_train_tokens = saved_tokens
 
 
 @dataclass
@@ -77,7 +46,7 @@ class SAMDPOConfig(SAMArguments, DPOConfig):
     """
 
 
-class SAMSFTTrainer(SAMMixin, _CleanPassMetricsOnly, SFTTrainer):
+class SAMSFTTrainer(SAMMixin, SFTTrainer):
     """TRL's `SFTTrainer` with SAM or ASAM.
 
     Takes `SFTTrainer`'s arguments plus `sam_config`; with `SAMSFTConfig` the `sam_*` fields configure SAM. The loss
@@ -95,7 +64,7 @@ class SAMSFTTrainer(SAMMixin, _CleanPassMetricsOnly, SFTTrainer):
     """
 
 
-class SAMDPOTrainer(SAMMixin, _CleanPassMetricsOnly, DPOTrainer):
+class SAMDPOTrainer(SAMMixin, DPOTrainer):
     """TRL's `DPOTrainer` with SAM or ASAM.
 
     Takes `DPOTrainer`'s arguments plus `sam_config`; with `SAMDPOConfig` the `sam_*` fields configure SAM. Only the

@@ -82,6 +82,28 @@ def update_error(got: dict, want: dict, start: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# BatchNorm under DDP: the running statistics are the clean passes' only (SyncBatchNorm needs GPU modules).
+
+
+@pytest.mark.slow
+def test_ddp_batchnorm_statistics_follow_the_clean_pass(tmp_path):
+    launch("ddp_batchnorm.py", tmp_path, nproc=2)
+    runs = {
+        n: [torch.load(tmp_path / f"{n}.rank{r}.pt") for r in (0, 1)]
+        for n in ("plain", "tiny-exact", "tiny-micro", "sam-exact", "sam-micro")
+    }
+    assert int(runs["plain"][0]["bn.num_batches_tracked"]) == 3 * 2
+    for name in ("tiny-exact", "tiny-micro"):  # rho -> 0: weights and every buffer as the plain Trainer's, per rank
+        for rank in (0, 1):
+            for k, v in runs["plain"][rank].items():
+                torch.testing.assert_close(runs[name][rank][k], v, rtol=1e-5, atol=1e-7, msg=f"{name} {rank} {k}")
+    for name in ("sam-exact", "sam-micro"):  # a real radius: one update per micro-batch; the weights agree
+        for rank in runs[name]:
+            assert int(rank["bn.num_batches_tracked"]) == int(rank["stat.count"]) == 3 * 2
+        assert all(torch.equal(runs[name][0][k], runs[name][1][k]) for k in ("bn.weight", "bn.bias", "out.weight"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # DDP through the Trainer: 2 processes x batch 2 against 1 process x batch 4, gradient accumulation 2, 2 steps.
 
 

@@ -1,0 +1,127 @@
+"""What a model card says about SAM: the method, rho and every non-default `sam_*` setting, and the papers.
+
+`add_sam_to_model_card` edits the card text that the Trainer (or TRL) wrote: it adds the settings to the card's
+"Training hyperparameters" list where there is one, and a "Sharpness-Aware Minimization" section with the citations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .config import SAMConfig
+
+__all__ = ["add_sam_to_model_card", "sam_card_section", "sam_method_name"]
+
+_CITATIONS = {
+    "sam": """@inproceedings{foret2021sharpnessaware,
+    title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
+    author    = {Pierre Foret and Ariel Kleiner and Hossein Mobahi and Behnam Neyshabur},
+    booktitle = {International Conference on Learning Representations},
+    year      = {2021},
+    url       = {https://arxiv.org/abs/2010.01412}
+}""",
+    "adaptive": """@inproceedings{kwon2021asam,
+    title     = {ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
+    author    = {Jungmin Kwon and Jeongseop Kim and Hyunseo Park and In Kwon Choi},
+    booktitle = {International Conference on Machine Learning},
+    year      = {2021},
+    url       = {https://arxiv.org/abs/2102.11600}
+}""",
+    "looksam": """@inproceedings{liu2022looksam,
+    title     = {Towards Efficient and Scalable Sharpness-Aware Minimization},
+    author    = {Yong Liu and Siqi Mai and Xiangning Chen and Cho-Jui Hsieh and Yang You},
+    booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition},
+    year      = {2022},
+    url       = {https://arxiv.org/abs/2203.02714}
+}""",
+    "flat_lora": """@inproceedings{li2025flatlora,
+    title     = {Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape},
+    author    = {Tao Li and Zhengbao He and Yujun Li and Yasheng Wang and Lifeng Shang and Xiaolin Huang},
+    booktitle = {International Conference on Machine Learning},
+    year      = {2025},
+    url       = {https://arxiv.org/abs/2409.14396}
+}""",
+    "rho_lr": """@inproceedings{zhuang2022gsam,
+    title     = {Surrogate Gap Minimization Improves Sharpness-Aware Training},
+    author    = {Juntang Zhuang and Boqing Gong and Liangzhe Yuan and Yin Cui and Hartwig Adam and Nicha Dvornek and
+                 Sekhar Tatikonda and James Duncan and Ting Liu},
+    booktitle = {International Conference on Learning Representations},
+    year      = {2022},
+    url       = {https://arxiv.org/abs/2203.08065}
+}""",
+    "late_phase": """@article{zhou2024sam,
+    title   = {Sharpness-Aware Minimization Efficiently Selects Flatter Minima Late in Training},
+    author  = {Zhanpeng Zhou and Mingze Wang and Yuchen Mao and Bingrui Li and Junchi Yan},
+    journal = {arXiv preprint arXiv:2410.10373},
+    year    = {2024}
+}""",
+    "partial_ascent": """@inproceedings{bahri2022sharpness,
+    title     = {Sharpness-Aware Minimization Improves Language Model Generalization},
+    author    = {Dara Bahri and Hossein Mobahi and Yi Tay},
+    booktitle = {Annual Meeting of the Association for Computational Linguistics},
+    year      = {2022},
+    url       = {https://arxiv.org/abs/2110.08529}
+}""",
+}
+
+_METHOD_NAMES = {"sam": "SAM", "looksam": "LookSAM", "flat_lora": "Flat-LoRA"}
+
+
+def sam_method_name(config: SAMConfig) -> str:
+    """The method as a reader knows it: "SAM", "ASAM", "LookSAM", ..., with "late-phase" where it applies."""
+    name = "ASAM" if config.adaptive and config.method == "sam" else _METHOD_NAMES.get(config.method, config.method)
+    return f"late-phase {name}" if config.start_fraction > 0 else name
+
+
+def _citation_keys(config: SAMConfig) -> list[str]:
+    keys = ["sam"]
+    if config.adaptive:
+        keys.append("adaptive")
+    if config.method in _CITATIONS:
+        keys.append(config.method)
+    if config.rho_schedule == "lr":
+        keys.append("rho_lr")
+    if config.start_fraction > 0:
+        keys.append("late_phase")
+    if config.ascent_fraction < 1:
+        keys.append("partial_ascent")
+    return list(dict.fromkeys(keys))
+
+
+def _settings(config: SAMConfig) -> list[tuple[str, object]]:
+    """`sam_rho` always, then every setting that differs from its default."""
+    defaults = SAMConfig()
+    rows = [("sam_rho", config.rho)]
+    for f in dataclasses.fields(SAMConfig):
+        value = getattr(config, f.name)
+        if f.name != "rho" and value != getattr(defaults, f.name):
+            rows.append((f"sam_{f.name}", value))
+    return rows
+
+
+def sam_card_section(config: SAMConfig) -> str:
+    """A model-card section: the method, its settings and the BibTeX of its papers."""
+    rows = "\n".join(f"- {name}: {value}" for name, value in _settings(config))
+    citations = "\n\n".join(_CITATIONS[k] for k in _citation_keys(config))
+    return (
+        "## Sharpness-Aware Minimization\n\n"
+        f"This model was trained with {sam_method_name(config)} through "
+        "[hf_sam](https://pypi.org/project/hf-sam/): the optimizer listed above stepped with the gradient at the "
+        "perturbed weights w + e (two forward-backward passes per step).\n\n"
+        f"{rows}\n\n"
+        "Cite:\n\n"
+        f"```bibtex\n{citations}\n```\n"
+    )
+
+
+def add_sam_to_model_card(card: str, config: SAMConfig) -> str:
+    """Return `card` with the SAM settings among its hyperparameters (if it lists them) and a SAM section."""
+    if "## Sharpness-Aware Minimization" in card:
+        return card  # already added (the card is written again at each `push_to_hub`)
+    bullets = [f"- sam_method: {sam_method_name(config)}"] + [f"- {n}: {v}" for n, v in _settings(config)]
+    match = re.search(r"### Training hyperparameters\n\n(?:[^\n]*\n)*?((?:- [^\n]*\n)+)", card)
+    if match is not None:
+        end = match.end(1)
+        card = card[:end] + "\n".join(bullets) + "\n" + card[end:]
+    return card.rstrip("\n") + "\n\n" + sam_card_section(config)
