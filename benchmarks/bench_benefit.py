@@ -1,0 +1,693 @@
+"""What each SAM method buys: held-out accuracy, flatness and robustness against AdamW, at the same step budget.
+
+For every task, label-noise setting, method and seed, one training run (the plain Trainer for `adamw`, hf_sam's
+SAMTrainer / SAMSFTTrainer otherwise; same data, data order, initialisation and schedule for a given seed), then:
+
+- accuracy on the held-out split (exact match by greedy generation for the language-model task);
+- flatness of the final weights on a fixed slice of the training data: the top Hessian eigenvalue and the SAM
+  sharpness at radius `--sharpness_rho` (`hf_sam.analysis`, in the trained parameters' space);
+- robustness: held-out accuracy after Gaussian noise on every weight matrix (std = sigma x the matrix's RMS, for each
+  sigma in `--weight_noise`, averaged over `--noise_draws` draws), and after round-to-nearest quantisation of every
+  weight matrix (symmetric, per output row: int8; 4-bit in groups of 64 along the input), of the merged weights for
+  LoRA;
+- cost: CPU time per optimizer step (`time.process_time` from `on_step_begin` to `on_step_end`, the cost benchmark's
+  clock, warm-up steps dropped), as a multiple of AdamW's at the same seed.
+
+Over seeds: mean and spread (sample standard deviation) of each measure, and the difference to AdamW with a 95%
+interval paired by seed (t distribution, n - 1 degrees of freedom). Results: `results.json` (every run),
+`summary.json`, `table.md` and `pareto.png` (gain against cost) under `--out_dir`.
+
+Tasks (all embedded, offline):
+
+- `digits`: a small ResNet (BatchNorm) from a config, trained from scratch on scikit-learn's 8x8 digits (upsampled
+  to 32x32), 500 training images, the other 1,297 held out.
+- `minilm`: all-MiniLM-L6-v2 full fine-tuning on the generated word-category task with few training sentences;
+  the held-out split has unseen words in unseen sentence templates.
+- `smollm`: SmolLM2-135M-Instruct + LoRA on the word-reversal task, held-out prompts of unseen words (the expensive
+  one: generation-based accuracy).
+
+Usage:
+    python benchmarks/bench_benefit.py --tasks digits minilm --seeds 0 1 2 --noise 0.0 0.4 --out_dir outputs/benefit
+    python benchmarks/bench_benefit.py --tasks smollm --methods adamw sam --seeds 0 1 2 --noise 0.3
+    python benchmarks/bench_benefit.py --quick --tasks digits          # smoke run (tests/test_bench_benefit.py)
+    python benchmarks/bench_benefit.py --method 'sam_rho02={"sam_rho": 0.2}' --methods adamw sam_rho02
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+# A method is a name and its `sam_*` arguments; `None` is the AdamW baseline (the plain Trainer). "rho_scale"
+# multiplies the task's rho (ASAM's ball is in relative units, so larger), "lora_only" marks methods that need
+# adapters. A new `sam_method` is one line here.
+METHODS: dict[str, dict[str, Any] | None] = {
+    "adamw": None,
+    "sam": {},
+    "asam": {"sam_adaptive": True, "rho_scale": 10.0},
+    "looksam": {"sam_method": "looksam"},
+    "late_sam": {"sam_start_fraction": 0.85},
+    "flat_lora": {"sam_method": "flat_lora", "sam_rho": 0.05, "lora_only": True},
+}
+BASELINE = "adamw"
+WORKDIR = Path("outputs/benefit/runs")  # trainers' output_dir (nothing is saved there: save_strategy "no")
+QUANT_GROUP = 64
+
+
+def _t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+# ---- tasks ----------------------------------------------------------------------------------------------------------
+@dataclass
+class TaskRun:
+    """What a task hands the benchmark for one run: a trainer ready to train and how to score a model."""
+
+    trainer: Any
+    accuracy: Any  # callable(model) -> float, on the held-out split
+    measure_data: Any  # list of model-ready training batches for the flatness measures
+    lora: bool = False
+
+
+@dataclass
+class Task:
+    name: str
+    rho: float
+    steps: int
+    quick_steps: int
+    lora: bool = False
+    hyper: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, method: str, sam_kwargs: dict | None, seed: int, noise: float, steps: int, quick: bool):
+        raise NotImplementedError
+
+
+def _load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"hf_sam_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _common() -> Any:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    import _common
+
+    return _common
+
+
+def _training_args(out: Path, seed: int, steps: int, sam_kwargs: dict | None, config_cls: Any = None, **kw: Any):
+    from hf_sam import SAMTrainingArguments
+
+    cls = config_cls or SAMTrainingArguments
+    sam = {k: v for k, v in (sam_kwargs or {}).items() if k.startswith("sam_")}
+    return cls(
+        output_dir=str(out),
+        max_steps=steps,
+        seed=seed,
+        data_seed=seed,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **sam,
+        **kw,
+    )
+
+
+def _classify_accuracy(model: Any, batches: list[dict]) -> float:
+    import torch
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in batches:
+            labels = batch["labels"]
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def _batches(trainer: Any, dataset: Any, limit: int | None = None) -> list[dict]:
+    """Model-ready batches of `dataset` through the trainer's own column handling and collator, unshuffled."""
+    import itertools
+
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return list(itertools.islice(trainer.get_eval_dataloader(dataset), limit))
+
+
+class DigitsTask(Task):
+    def build(self, method, sam_kwargs, seed, noise, steps, quick):
+        from transformers import AutoModelForImageClassification, Trainer, ViTImageProcessor, set_seed
+
+        from hf_sam import SAMTrainer
+
+        common = _common()
+        set_seed(seed)
+        data = common.digits_dataset(200 if quick else 500, seed, noise)
+        labels = data["train"].features["label"].names
+        model = AutoModelForImageClassification.from_config(common.tiny_image_config("resnet", 32, labels))
+        processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=0.5, image_std=0.5)
+
+        def transforms(batch):
+            images = [image.convert("RGB") for image in batch["image"]]
+            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
+
+        for split in data.values():
+            split.set_transform(transforms)
+        args = _training_args(
+            WORKDIR / "digits",
+            seed,
+            steps,
+            sam_kwargs,
+            learning_rate=2e-3,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=128,
+            remove_unused_columns=False,
+        )
+        trainer = (Trainer if sam_kwargs is None else SAMTrainer)(
+            model=model, args=args, train_dataset=data["train"], data_collator=_stack_collate
+        )
+        evalset = _batches(trainer, data["validation"].select(range(200)) if quick else data["validation"])
+        measure = _batches(trainer, data["train"], 2 if quick else 4)
+        return TaskRun(trainer, lambda m: _classify_accuracy(m, evalset), measure)
+
+
+def _stack_collate(examples):
+    import torch
+
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples]),
+    }
+
+
+class MiniLMTask(Task):
+    def build(self, method, sam_kwargs, seed, noise, steps, quick):
+        from transformers import (
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+            DataCollatorWithPadding,
+            Trainer,
+            set_seed,
+        )
+
+        from hf_sam import SAMTrainer
+        from hf_sam.embedded import make_classification_task, minilm_path
+
+        set_seed(seed)
+        n_train = self.hyper["n_train"]
+        data = make_classification_task(n_train=n_train, n_eval=64 if quick else 400, seed=seed, label_noise=noise)
+        names = data["train"].features["label"].names
+        path = minilm_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+        )
+        data = data.map(
+            lambda b: tokenizer(b["sentence"], truncation=True, max_length=32),
+            batched=True,
+            remove_columns=["sentence", "word", "noisy"],
+        )
+        args = _training_args(
+            WORKDIR / "minilm",
+            seed,
+            steps,
+            sam_kwargs,
+            learning_rate=self.hyper["lr"],
+            per_device_train_batch_size=16,
+            per_device_eval_batch_size=64,
+        )
+        trainer = (Trainer if sam_kwargs is None else SAMTrainer)(
+            model=model,
+            args=args,
+            train_dataset=data["train"],
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
+        evalset = _batches(trainer, data["validation"])
+        measure = _batches(trainer, data["train"], 2 if quick else 4)
+        return TaskRun(trainer, lambda m: _classify_accuracy(m, evalset), measure)
+
+
+class SmolLMTask(Task):
+    def build(self, method, sam_kwargs, seed, noise, steps, quick):
+        from transformers import set_seed
+        from trl import SFTTrainer
+
+        from hf_sam.trl import SAMSFTTrainer
+
+        sft = _load_example("sft_lora")
+        set_seed(seed)
+        n_eval = 20 if quick else self.hyper["n_eval"]
+        argv = [
+            "--output_dir", str(WORKDIR / "smollm"), "--max_steps", str(steps),
+            "--task_train_size", "2000", "--task_eval_size", str(n_eval), "--task_min_words", "3",
+            "--task_max_words", "3", "--label_noise", str(noise), "--system_prompt", "Be brief.",
+            "--max_new_tokens", "12", "--lora_r", "8", "--lora_alpha", "16", "--lora_last_layers", "8",
+            "--max_length", "64", "--use_cpu", "true",
+        ]  # fmt: skip
+        model_args, data_args, lora_args, _, _ = sft.parse_args(argv)
+        args = _training_args(
+            WORKDIR / "smollm",
+            seed,
+            steps,
+            sam_kwargs,
+            config_cls=sft.SFTLoraConfig,
+            learning_rate=2e-3,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=8,
+            max_length=64,
+        )
+        data = sft.load_data(data_args, seed)
+        path = sft.resolve_model_path(model_args)
+        tokenizer = sft.load_tokenizer(path)
+        model = sft.load_model(path, model_args)
+        peft_config = sft.lora_config(lora_args, model.config.num_hidden_layers)
+        trainer = (SFTTrainer if sam_kwargs is None else SAMSFTTrainer)(
+            model=model,
+            args=args,
+            train_dataset=sft.to_conversational(data["train"], data_args.system_prompt),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        held_out = data["validation"]
+
+        def accuracy(m):
+            return sft.evaluate_held_out(m, tokenizer, held_out, data_args, progress=False)[0]
+
+        measure = _batches(trainer, trainer.train_dataset, 2 if quick else 4)
+        return TaskRun(trainer, accuracy, measure, lora=True)
+
+
+TASKS: dict[str, Task] = {
+    "digits": DigitsTask("digits", rho=0.1, steps=400, quick_steps=12),
+    "minilm": MiniLMTask("minilm", rho=0.05, steps=150, quick_steps=6, hyper={"n_train": 64, "lr": 1e-4}),
+    "smollm": SmolLMTask("smollm", rho=0.05, steps=120, quick_steps=3, lora=True, hyper={"n_eval": 100}),
+}
+
+
+# ---- measures -------------------------------------------------------------------------------------------------------
+class StepClock:
+    """CPU time of each optimizer step, from `on_step_begin` to `on_step_end` (a `TrainerCallback`)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def __init__(self):
+                self.times: list[float] = []
+                self._start = 0.0
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self._start = time.process_time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.times.append(time.process_time() - self._start)
+
+        return _Clock()
+
+
+def weight_matrices(model: Any) -> list[Any]:
+    """Every floating-point parameter with 2 or more dimensions (linear, conv and embedding weights)."""
+    return [p for p in model.parameters() if p.dim() >= 2 and p.is_floating_point()]
+
+
+def quantize_rtn_(weight: Any, bits: int, group: int | None) -> None:
+    """Symmetric round-to-nearest quantisation in place: per output row, or per `group` inputs of each row."""
+    import torch
+
+    with torch.no_grad():
+        rows = weight.reshape(weight.shape[0], -1)
+        shaped = rows.reshape(rows.shape[0], -1, group) if group and rows.shape[1] % group == 0 else rows[:, None, :]
+        qmax = 2 ** (bits - 1) - 1
+        scale = shaped.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+        quantized = (shaped / scale).round().clamp(-qmax - 1, qmax) * scale
+        weight.copy_(quantized.reshape(weight.shape))
+
+
+def merged_copy(model: Any, lora: bool) -> Any:
+    """A deep copy of the model, LoRA adapters merged into their base weights."""
+    clone = copy.deepcopy(model)
+    if lora:
+        clone = clone.merge_and_unload()
+    return clone.eval()
+
+
+QUANTIZERS = {"int8": (8, None), "int4": (4, QUANT_GROUP)}
+
+
+def robustness(
+    run: TaskRun, model: Any, sigmas: list[float], draws: int, seed: int, quant: list[str]
+) -> dict[str, float]:
+    """Held-out accuracy under Gaussian weight noise (per sigma, mean over draws) and after int8 / 4-bit RTN."""
+    import torch
+
+    out: dict[str, float] = {}
+    base = merged_copy(model, run.lora)
+    weights = [p.detach().clone() for p in weight_matrices(base)]
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for sigma in sigmas:
+            scores = []
+            for _ in range(draws):
+                for p, w in zip(weight_matrices(base), weights):
+                    rms = w.pow(2).mean().sqrt()
+                    p.copy_(w + sigma * rms * torch.randn(w.shape, generator=generator, dtype=w.dtype))
+                scores.append(run.accuracy(base))
+            out[f"noise_{sigma:g}"] = sum(scores) / len(scores)
+        for name in quant:
+            bits, group = QUANTIZERS[name]
+            for p, w in zip(weight_matrices(base), weights):
+                p.copy_(w)
+                quantize_rtn_(p, bits, group)
+            out[name] = run.accuracy(base)
+    return out
+
+
+def flatness(run: TaskRun, model: Any, rho: float, max_iter: int) -> dict[str, float]:
+    """Top Hessian eigenvalue and SAM sharpness at `rho` of the trained parameters, on the measurement batches."""
+    from hf_sam.analysis import hessian_eigenvalues, sam_sharpness
+
+    eig = hessian_eigenvalues(model, run.measure_data, k=1, max_iter=max_iter, tol=1e-2, progress=False)
+    sharp = sam_sharpness(model, run.measure_data, rho=rho, progress=False)
+    return {"hessian_top": eig.eigenvalues[0], "sam_sharpness": sharp.sharpness, "train_slice_loss": sharp.loss}
+
+
+def run_one(task: Task, method: str, sam_kwargs: dict | None, seed: int, noise: float, opts: Any) -> dict[str, Any]:
+    """Train one (task, method, seed, noise) and measure it."""
+    steps = opts.steps or (task.quick_steps if opts.quick else task.steps)
+    kwargs = None
+    if sam_kwargs is not None:
+        kwargs = {k: v for k, v in sam_kwargs.items() if k.startswith("sam_")}
+        kwargs.setdefault("sam_rho", task.rho * sam_kwargs.get("rho_scale", 1.0))
+    from transformers.trainer_callback import PrinterCallback
+
+    run = task.build(method, kwargs, seed, noise, steps, opts.quick)
+    clock = StepClock()
+    run.trainer.add_callback(clock)
+    run.trainer.remove_callback(PrinterCallback)  # one line per run instead of every log
+    started = time.perf_counter()
+    result = run.trainer.train()
+    train_s = time.perf_counter() - started
+    model = run.trainer.model
+    record: dict[str, Any] = {
+        "task": task.name,
+        "noise": noise,
+        "method": method,
+        "seed": seed,
+        "steps": steps,
+        "sam_kwargs": kwargs,
+        "train_loss_mean": result.training_loss,
+        "train_wall_s": train_s,
+    }
+    timed = clock.times[2:] if len(clock.times) > 4 else clock.times
+    record["step_cpu_s"] = sum(timed) / len(timed)
+    started = time.perf_counter()
+    record["accuracy"] = run.accuracy(model)
+    record.update(flatness(run, model, opts.sharpness_rho, 3 if opts.quick else opts.hessian_iters))
+    record.update(robustness(run, model, opts.weight_noise, opts.noise_draws, seed, opts.quant))
+    record["measure_wall_s"] = time.perf_counter() - started
+    return record
+
+
+# ---- summary --------------------------------------------------------------------------------------------------------
+def accuracy_keys(records: list[dict]) -> list[str]:
+    keys = ["accuracy"] + sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
+    return [k for k in keys if k in records[0]]
+
+
+def paired(values: dict[int, float], base: dict[int, float]) -> dict[str, float]:
+    """Mean difference to the baseline over the seeds both have, with its 95% t interval."""
+    diffs = [values[s] - base[s] for s in values if s in base]
+    out = {"mean": statistics.fmean(diffs) if diffs else float("nan"), "n": len(diffs)}
+    if len(diffs) >= 2:
+        half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        out.update(low=out["mean"] - half, high=out["mean"] + half)
+    else:
+        out.update(low=float("nan"), high=float("nan"))
+    return out
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, noise, method): mean and spread over seeds, paired differences to AdamW, cost."""
+    rows = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["noise"], r["method"]), []).append(r)
+    for (task, noise, method), runs in groups.items():
+        base_runs = {r["seed"]: r for r in groups.get((task, noise, BASELINE), [])}
+        row: dict[str, Any] = {
+            "task": task,
+            "noise": noise,
+            "method": method,
+            "seeds": sorted(r["seed"] for r in runs),
+        }
+        for key in accuracy_keys(runs) + ["hessian_top", "sam_sharpness", "train_slice_loss"]:
+            values = [r[key] for r in runs]
+            row[key] = {
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else float("nan"),
+                "values": values,
+            }
+            if key in accuracy_keys(runs) and method != BASELINE and base_runs:
+                row[key]["diff"] = paired({r["seed"]: r[key] for r in runs}, {s: b[key] for s, b in base_runs.items()})
+        costs = [r["step_cpu_s"] / base_runs[r["seed"]]["step_cpu_s"] for r in runs if r["seed"] in base_runs]
+        row["cost_x_adamw"] = statistics.fmean(costs) if costs else float("nan")
+        row["step_cpu_s"] = statistics.fmean(r["step_cpu_s"] for r in runs)
+        rows.append(row)
+    return rows
+
+
+def _pct(x: float) -> str:
+    return "—" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "—"
+    if math.isnan(d["low"]):
+        return f"{100 * d['mean']:+.1f}"
+    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown tables, one per (task, noise): accuracy in %, differences in points with 95% paired intervals."""
+    out = []
+    for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in rows):
+        group = [r for r in rows if r["task"] == task and r["noise"] == noise]
+        noise_keys = [k for k in group[0] if k.startswith("noise_")]
+        head = (
+            "| method | seeds | held-out acc. (sd) | Δ vs AdamW [95% CI] | λ_max | SAM sharpness | "
+            + " | ".join(f"acc. σ={k[6:]}" for k in noise_keys)
+            + " | acc. int8 | acc. 4-bit | Δ 4-bit vs AdamW [95% CI] | × AdamW step |"
+        )
+        out += [f"\n**{task}, label noise {noise:g}**\n", head, "|" + "---|" * head.count(" | ") + "---|"]
+        for r in group:
+            cells = [
+                r["method"],
+                str(len(r["seeds"])),
+                f"{_pct(r['accuracy']['mean'])} ({_pct(r['accuracy']['sd'])})",
+                _diff(r["accuracy"].get("diff")),
+                f"{r['hessian_top']['mean']:.3g}",
+                f"{r['sam_sharpness']['mean']:.3g}",
+                *[_pct(r[k]["mean"]) for k in noise_keys],
+                _pct(r["int8"]["mean"]) if "int8" in r else "—",
+                _pct(r["int4"]["mean"]) if "int4" in r else "—",
+                _diff(r["int4"].get("diff")) if "int4" in r else "—",
+                f"{r['cost_x_adamw']:.2f}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    """Gain in held-out accuracy over AdamW (95% paired interval) against cost per step, one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys((r["task"], r["noise"]) for r in rows))
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False)
+    for ax, (task, noise) in zip(axes[0], settings):
+        for r in rows:
+            if (r["task"], r["noise"]) != (task, noise):
+                continue
+            d = r["accuracy"].get("diff") or {"mean": 0.0, "low": float("nan"), "high": float("nan")}
+            y = 100 * d["mean"]
+            err = None if math.isnan(d["low"]) else [[y - 100 * d["low"]], [100 * d["high"] - y]]
+            ax.errorbar(r["cost_x_adamw"], y, yerr=err, fmt="o", capsize=3)
+            ax.annotate(r["method"], (r["cost_x_adamw"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{task}, label noise {noise:g}")
+        ax.set_xlabel("CPU time per step, × AdamW")
+        ax.set_ylabel("held-out accuracy − AdamW (points)")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip()
+
+    # The hf_sam code a run used: the commit, and a hash of any uncommitted change to the package.
+    diff = git("diff", "HEAD", "--", "hf_sam")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "hf_sam_uncommitted_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None,
+    }
+
+
+def _parse_methods(items: list[str]) -> dict[str, dict]:
+    out = {}
+    for item in items:
+        name, _, spec = item.partition("=")
+        try:
+            kwargs = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--method {item!r}: not NAME=JSON ({e})") from None
+        bad = [k for k in kwargs if not k.startswith("sam_") and k not in ("rho_scale", "lora_only")]
+        if bad:
+            raise SystemExit(f"--method {name}: unknown keys {bad} (use sam_* arguments, rho_scale, lora_only)")
+        out[name] = kwargs
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=None, help="Method names (default: all that apply).")
+    parser.add_argument("--method", action="append", default=[], help="Extra method: NAME='{\"sam_rho\": 0.1}'.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4], help="Training label-noise fractions.")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default: per task).")
+    parser.add_argument("--weight_noise", nargs="*", type=float, default=[0.05, 0.1, 0.2], help="Relative sigmas.")
+    parser.add_argument("--quant", nargs="*", default=list(QUANTIZERS), choices=list(QUANTIZERS))
+    parser.add_argument("--noise_draws", type=int, default=2)
+    parser.add_argument("--hessian_iters", type=int, default=20)
+    parser.add_argument("--sharpness_rho", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="Tiny data and a few steps: a smoke run.")
+    parser.add_argument("--out_dir", default="outputs/benefit")
+    parser.add_argument("--resume", action="store_true", help="Skip runs already in <out_dir>/results.json.")
+    parser.add_argument(
+        "--merge", nargs="+", default=[], help="Run nothing: summarise the runs of these results.json files together."
+    )
+    opts = parser.parse_args(argv)
+
+    import datasets
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(opts.threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    methods = dict(METHODS, **_parse_methods(opts.method))
+    chosen = opts.methods or list(METHODS)
+    unknown = [m for m in chosen if m not in methods]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {list(methods)}")
+    if BASELINE not in chosen:
+        chosen = [BASELINE, *chosen]
+    global WORKDIR
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    WORKDIR = out / "runs"
+    results_path = out / "results.json"
+    previous = json.loads(results_path.read_text()) if opts.resume and results_path.exists() else None
+    records: list[dict] = previous["runs"] if previous else []
+    commands = [json.loads(Path(f).read_text()) for f in opts.merge]
+    for merged in commands:
+        records += merged["runs"]
+    done = {(r["task"], r["noise"], r["method"], r["seed"]) for r in records}
+    info = {
+        "command": " ".join(["python", "benchmarks/bench_benefit.py", *(argv if argv is not None else sys.argv[1:])])
+    }
+    info.update(hardware())
+    if commands:
+        info["merged"] = [m["info"] for m in commands]
+    if previous:
+        info["resumed"] = previous["info"]
+    started = time.perf_counter()
+    for task_name in [] if opts.merge else opts.tasks:
+        task = TASKS[task_name]
+        for noise in opts.noise:
+            for seed in opts.seeds:
+                for method in chosen:
+                    spec = methods[method]
+                    if spec is not None and spec.get("lora_only") and not task.lora:
+                        continue
+                    if (task_name, noise, method, seed) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    record = run_one(task, method, spec, seed, noise, opts)
+                    records.append(record)
+                    print(
+                        f"[{time.perf_counter() - started:7.0f}s] {task_name} noise={noise:g} seed={seed} "
+                        f"{method:<9} acc={record['accuracy']:.3f} int4={record.get('int4', math.nan):.3f} "
+                        f"lambda={record['hessian_top']:.3g} sharp={record['sam_sharpness']:.3g} "
+                        f"step={record['step_cpu_s']:.3f}s ({time.perf_counter() - t0:.0f}s)",
+                        flush=True,
+                    )
+                    results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
+    rows = summarize(records)
+    info["wall_s"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    table = format_table(rows)
+    (out / "table.md").write_text(table)
+    plot_pareto(rows, out / "pareto.png")
+    print(table)
+    print(f"wrote {results_path}, {out / 'summary.json'}, {out / 'table.md'}, {out / 'pareto.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

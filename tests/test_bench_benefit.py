@@ -1,0 +1,72 @@
+"""Smoke test of the benefit benchmark (`--quick` on the digits task) and unit tests of its measures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_benefit.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_benefit", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_digits_run_writes_every_measure(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    bench = _load_bench()
+    out = tmp_path / "benefit"
+    argv = ["--quick", "--tasks", "digits", "--methods", "sam", "late_sam", "--seeds", "0", "1", "--noise", "0.4"]
+    assert bench.main([*argv, "--weight_noise", "0.1", "--noise_draws", "1", "--out_dir", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in ("adamw", "sam", "late_sam") for s in (0, 1)}
+    for r in runs:
+        for key in ("accuracy", "noise_0.1", "int8", "int4"):
+            assert 0.0 <= r[key] <= 1.0, (key, r)
+        assert r["hessian_top"] > 0 and r["step_cpu_s"] > 0 and r["sam_sharpness"] == pytest.approx(r["sam_sharpness"])
+    assert next(r for r in runs if r["method"] == "sam")["sam_kwargs"] == {"sam_rho": 0.1}
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    sam, base = rows["sam"], rows["adamw"]
+    diff = sam["accuracy"]["diff"]
+    assert diff["n"] == 2 and diff["low"] <= diff["mean"] <= diff["high"]
+    assert diff["mean"] == pytest.approx(sam["accuracy"]["mean"] - base["accuracy"]["mean"])
+    assert base["cost_x_adamw"] == 1.0 and "diff" not in base["accuracy"]
+    assert (out / "pareto.png").stat().st_size > 5_000
+    assert "| sam | 2 |" in capsys.readouterr().out
+
+
+def test_paired_interval_and_quantizer():
+    bench = _load_bench()
+    d = bench.paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.4})
+    assert d["mean"] == pytest.approx(0.2) and d["n"] == 3
+    assert d["high"] - d["mean"] == pytest.approx(4.302652729911275 * 0.1 / 3**0.5)  # t(0.975, 2) * sd / sqrt(n)
+    w = torch.randn(4, 128)
+    q = w.clone()
+    bench.quantize_rtn_(q, 4, 64)
+    groups = q.reshape(4, 2, 64)
+    assert all(len(torch.unique(g)) <= 16 for g in groups.reshape(8, 64))  # 4 bits per group
+    assert (q - w).abs().max() <= w.abs().reshape(4, 2, 64).amax(-1).max() / 7 / 2 + 1e-6  # half a step at most
+    q8 = w.clone()
+    bench.quantize_rtn_(q8, 8, None)
+    assert (q8 - w).abs().max() < (q - w).abs().max()
+
+
+def test_method_table_entries_are_sam_arguments():
+    bench = _load_bench()
+    from hf_sam import SAMTrainingArguments
+
+    fields = set(SAMTrainingArguments.__dataclass_fields__)
+    for name, kwargs in bench.METHODS.items():
+        assert kwargs is None or set(kwargs) - {"rho_scale", "lora_only"} <= fields, name
+    assert bench._parse_methods(['x={"sam_rho": 0.2}']) == {"x": {"sam_rho": 0.2}}
+    with pytest.raises(SystemExit):
+        bench._parse_methods(['x={"rho": 0.2}'])
