@@ -1,15 +1,25 @@
 """Trainer integration: `SAMMixin` turns any `transformers.Trainer` subclass into a SAM trainer.
 
-Only public extension points are used: `training_step` runs SAM's passes (each one through the parent's own
-`training_step`, so loss scaling, `num_items_in_batch`, mixed precision and `accelerator.backward` stay the
-Trainer's), `log` adds the `sam_*` metrics, the optimizer/scheduler checkpoint hooks save and load SAM's own state,
-and a callback resets per-run state. The Trainer then clips, steps the optimizer and schedules the learning rate as
-usual, on the SAM gradient.
+`training_step` (public) runs SAM's passes, each one through the parent's own `training_step`, so loss scaling,
+`num_items_in_batch`, mixed precision and `accelerator.backward` stay the Trainer's; `log` (public) adds the `sam_*`
+metrics; `create_model_card` (public) names SAM. The Trainer then clips, steps the optimizer and schedules the
+learning rate as usual, on the SAM gradient. Private hooks, each because no public one does the job (docs/concepts.md
+lists them with the versions the tests cover):
+
+- `Trainer._save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: SAM's own state (`sam_state.pt`) is
+  saved and loaded with the optimizer's, in the same checkpoint folder, on every process that saves the optimizer.
+- `GradScaler._scale`: the logged gradient norm is unscaled under fp16 without `get_scale()`, which reads the scale
+  back to the host at every step.
+- `nn.Module._buffers`: buffers are listed with their owning module and name, and one that a forward re-assigned is
+  put back.
+- A new `TrainerState` marks a new training run (every `train()`, `auto_find_batch_size` retry and search trial
+  builds one): per-run state is reset there, without a callback in the Trainer's callback list.
 
 One optimizer step with gradient accumulation k:
 
 - `accumulation="exact"`: micro-batches 1..k run the clean pass (their inputs and RNG states are kept); at the last
-  one the accumulated gradient gives one perturbation, all k micro-batches re-run at w + e, then w is restored.
+  one the accumulated gradient gives one perturbation, all k micro-batches re-run at w + e (each from the RNG
+  states and buffers its clean pass started from), then w, the buffers and the trainer's bookkeeping are restored.
 - `accumulation="micro"`: each micro-batch runs clean pass, perturbation, perturbed pass, restore; the gradient
   accumulated so far is set aside during its clean pass and never wiped.
 """

@@ -18,7 +18,7 @@ import pytest
 from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
-from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+from hf_sam import SAMConfig, SAMMixin, SAMTrainer, SAMTrainingArguments, enable_sam
 from hf_sam.distributed import unsupported_setup_reason
 from hf_sam.perturbation import global_norm
 
@@ -86,6 +86,19 @@ def _import_hf_sam_trl(monkeypatch):
     importlib.import_module("hf_sam.trl")
 
 
+def _generating_trainer():
+    trl = pytest.importorskip("trl")
+    return type("SAMGRPOTrainer", (SAMMixin, trl.GRPOTrainer), {})(model=None, args=None)
+
+
+def _search_with_rho(tmp_path, rho):
+    pytest.importorskip("optuna")
+    trainer = SAMTrainer(
+        model_init=lambda: tiny_llama(), args=_args(tmp_path, max_steps=1), train_dataset=lm_dataset()
+    )
+    trainer.hyperparameter_search(hp_space=lambda trial: {"sam_rho": rho}, backend="optuna", n_trials=1)
+
+
 NAN, INF = float("nan"), float("inf")
 
 # Rows about one `SAMConfig`: id -> its keyword arguments (the `sam_*` fields and `--sam_*` flags give the same
@@ -144,6 +157,10 @@ CASES = {
         m, "peft.tuners.lora", lambda: _trainer(t, args=_args(t, sam_method="flat_lora"))
     ),
     "trl-missing": lambda t, m: _import_hf_sam_trl(m),
+    "generating-trainer": lambda t, m: _generating_trainer(),
+    "enable-sam-twice": lambda t, m: enable_sam(_trainer(t)),
+    "enable-sam-not-a-trainer": lambda t, m: enable_sam(object()),
+    "search-trial-rho": lambda t, m: _search_with_rho(t, -1.0),
     # Functions
     "global-norm-empty": lambda t, m: global_norm([]),
 }
