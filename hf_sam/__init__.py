@@ -1,6 +1,9 @@
-"""hf_sam: Sharpness-Aware Minimization for the Hugging Face Trainer."""
+"""hf_sam: Sharpness-Aware Minimization for the Hugging Face Trainer.
 
-from .analysis import SharpnessCallback
+`import hf_sam` loads the trainer, its configuration and the variants; the analysis tools (`hf_sam.analysis`, whose
+`SharpnessCallback` is also reachable here) load on first use.
+"""
+
 from .config import SAMArguments, SAMConfig, SAMTrainingArguments
 from .trainer import SAMMixin, SAMTrainer, enable_sam
 
@@ -16,3 +19,11 @@ __all__ = [
     "__version__",
     "enable_sam",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SharpnessCallback":  # analysis tools stay out of the import path of the trainer
+        from .analysis import SharpnessCallback
+
+        return SharpnessCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

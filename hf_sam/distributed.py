@@ -17,7 +17,8 @@ FSDP2 (`fully_shard`) is supported with `sync="global"`; its gradients are `DTen
 across the mesh (`perturbation.global_norm`) and the perturbation and the restore act on the local shards. With
 `accumulation="micro"` and gradient accumulation under FSDP2 every perturbed pass synchronises (2k reduce-scatters per
 step instead of k + 1), because FSDP2 keeps unsynchronised gradients inside the wrapper. Refused, each with its reason
-in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`, FSDP with `method="looksam"` or `"flat_lora"`.
+in the error: DeepSpeed, FSDP1, FSDP with `sync="local"`, FSDP with a variant that says it cannot run there
+(`fsdp_unsupported` in its module: LookSAM, Flat-LoRA).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.utils import logging
+
+from .variants import VARIANTS
 
 logger = logging.get_logger(__name__)
 
@@ -63,11 +66,6 @@ FSDP_VARIANT_UNSUPPORTED = (
     "`sam_method={method!r}` is not supported with FSDP: {why} Use `sam_method='sam'` (SAM or ASAM, tested under "
     "FSDP2)."
 )
-_FSDP_VARIANT_WHY = {
-    "looksam": "its cached gradient component and its dot products act on whole tensors, and FSDP2 holds shards.",
-    "flat_lora": "its noise is drawn per full weight matrix, and FSDP2 gathers the base weights only inside "
-    "`forward` (untested here).",
-}
 
 
 @contextlib.contextmanager
@@ -152,8 +150,9 @@ def unsupported_setup_reason(trainer: Any) -> str | None:
     sam_config = trainer.sam_config
     if sam_config.sync == "local":
         return FSDP_LOCAL_UNSUPPORTED
-    if sam_config.method in _FSDP_VARIANT_WHY:
-        return FSDP_VARIANT_UNSUPPORTED.format(method=sam_config.method, why=_FSDP_VARIANT_WHY[sam_config.method])
+    why = VARIANTS[sam_config.method].fsdp_unsupported
+    if why is not None:
+        return FSDP_VARIANT_UNSUPPORTED.format(method=sam_config.method, why=why)
     if sam_config.accumulation == "micro" and trainer.args.gradient_accumulation_steps > 1:
         logger.info(
             "FSDP2 with `sam_accumulation='micro'` and gradient accumulation: every perturbed pass synchronises "

@@ -10,37 +10,19 @@ import dataclasses
 import re
 
 from .config import SAMConfig
+from .variants import VARIANTS
+from .variants.base import SAM_CITATION
 
 __all__ = ["add_sam_to_model_card", "sam_card_section", "sam_method_name"]
 
+# Papers behind settings that combine with every variant; each variant's own paper is in its module.
 _CITATIONS = {
-    "sam": """@inproceedings{foret2021sharpnessaware,
-    title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
-    author    = {Pierre Foret and Ariel Kleiner and Hossein Mobahi and Behnam Neyshabur},
-    booktitle = {International Conference on Learning Representations},
-    year      = {2021},
-    url       = {https://arxiv.org/abs/2010.01412}
-}""",
     "adaptive": """@inproceedings{kwon2021asam,
     title     = {ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
     author    = {Jungmin Kwon and Jeongseop Kim and Hyunseo Park and In Kwon Choi},
     booktitle = {International Conference on Machine Learning},
     year      = {2021},
     url       = {https://arxiv.org/abs/2102.11600}
-}""",
-    "looksam": """@inproceedings{liu2022looksam,
-    title     = {Towards Efficient and Scalable Sharpness-Aware Minimization},
-    author    = {Yong Liu and Siqi Mai and Xiangning Chen and Cho-Jui Hsieh and Yang You},
-    booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition},
-    year      = {2022},
-    url       = {https://arxiv.org/abs/2203.02714}
-}""",
-    "flat_lora": """@inproceedings{li2025flatlora,
-    title     = {Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape},
-    author    = {Tao Li and Zhengbao He and Yujun Li and Yasheng Wang and Lifeng Shang and Xiaolin Huang},
-    booktitle = {International Conference on Machine Learning},
-    year      = {2025},
-    url       = {https://arxiv.org/abs/2409.14396}
 }""",
     "rho_lr": """@inproceedings{zhuang2022gsam,
     title     = {Surrogate Gap Minimization Improves Sharpness-Aware Training},
@@ -65,28 +47,27 @@ _CITATIONS = {
 }""",
 }
 
-_METHOD_NAMES = {"sam": "SAM", "looksam": "LookSAM", "flat_lora": "Flat-LoRA"}
-
 
 def sam_method_name(config: SAMConfig) -> str:
     """The method as a reader knows it: "SAM", "ASAM", "LookSAM", ..., with "late-phase" where it applies."""
-    name = "ASAM" if config.adaptive and config.method == "sam" else _METHOD_NAMES.get(config.method, config.method)
+    name = VARIANTS[config.method].name
+    name = "ASAM" if config.adaptive and name == "SAM" else name
     return f"late-phase {name}" if config.start_fraction > 0 else name
 
 
-def _citation_keys(config: SAMConfig) -> list[str]:
-    keys = ["sam"]
+def _citations(config: SAMConfig) -> list[str]:
+    """BibTeX entries: SAM's, the variant's, and those of the settings in use."""
+    keys = []
     if config.adaptive:
         keys.append("adaptive")
-    if config.method in _CITATIONS:
-        keys.append(config.method)
     if config.rho_schedule == "lr":
         keys.append("rho_lr")
     if config.start_fraction > 0:
         keys.append("late_phase")
     if config.ascent_fraction < 1:
         keys.append("partial_ascent")
-    return list(dict.fromkeys(keys))
+    entries = [SAM_CITATION, VARIANTS[config.method].citation] + [_CITATIONS[k] for k in keys]
+    return list(dict.fromkeys(entries))
 
 
 def _settings(config: SAMConfig) -> list[tuple[str, object]]:
@@ -103,7 +84,7 @@ def _settings(config: SAMConfig) -> list[tuple[str, object]]:
 def sam_card_section(config: SAMConfig) -> str:
     """A model-card section: the method, its settings and the BibTeX of its papers."""
     rows = "\n".join(f"- {name}: {value}" for name, value in _settings(config))
-    citations = "\n\n".join(_CITATIONS[k] for k in _citation_keys(config))
+    citations = "\n\n".join(_citations(config))
     return (
         "## Sharpness-Aware Minimization\n\n"
         f"This model was trained with {sam_method_name(config)} through "

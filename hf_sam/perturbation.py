@@ -52,7 +52,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         tensors (`Sequence[torch.Tensor]`): Tensors on any devices and dtypes, plain or `DTensor` shards.
 
     Returns:
-        `torch.Tensor`: sqrt(sum_i ||t_i||^2), computed in float32 so that fp16 (and GradScaler-scaled) values do
+        `torch.Tensor`: sqrt(sum_i ||t_i||^2), computed in float32 (float64 for float64 tensors) so that fp16 (and GradScaler-scaled) values do
         not overflow. Sharded `DTensor` norms are reduced across their mesh (FSDP2).
     """
     if not tensors:
@@ -61,11 +61,12 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     squares = []
     for ((_, dtype), _), idx in _group_by_device(tensors, with_dtype=True).items():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.promote_types(dtype, torch.float32))
-        squared = torch.stack(norms).float().square().sum()
+        squared = torch.stack(norms).square().sum()  # float32, or float64 for float64 tensors
         if hasattr(squared, "full_tensor"):  # DTensor: a partial sum over shards, reduced across the mesh
             squared = squared.full_tensor()
         squares.append(squared.to(home))
-    return torch.stack(squares).sum().sqrt()
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in squares) else torch.float32
+    return torch.stack([s.to(dtype) for s in squares]).sum().sqrt()
 
 
 @torch.no_grad()

@@ -26,12 +26,8 @@ One optimizer step with gradient accumulation k:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import math
 import os
-import weakref
 from typing import Any
 
 import torch
@@ -42,18 +38,13 @@ from transformers.utils import logging
 
 from .config import SAMArguments, SAMConfig
 from .distributed import defers_unsynchronised_gradients, gradient_sync, unsupported_setup_reason
+from .listing import ModelListing
+from .metrics import SAMMetrics
 from .model_card import add_sam_to_model_card
-from .perturbation import TensorKeyed, WeightBackup, perturb_, restore_
+from .perturbation import WeightBackup, perturb_, restore_
 from .rng import RNGState, capture_rng_state, restore_rng_state
 from .side_effects import restore_bookkeeping, restore_buffers, save_buffers, snapshot_bookkeeping
-from .variants import (
-    NoisyLinearFunction,
-    flat_lora_seed,
-    looksam_add_,
-    looksam_orthogonal_,
-    sam_step_index,
-    scheduled_rho,
-)
+from .variants import VARIANTS, SAMVariant, leading_fraction, sam_step_index, scheduled_rho
 
 logger = logging.get_logger(__name__)
 
@@ -69,133 +60,8 @@ _FUSED_BACKWARD_OPTIMIZERS = {OptimizerNames.LOMO, OptimizerNames.ADALOMO}
 class _StepPlan:
     """What this optimizer step does; fixed for the whole accumulation window."""
 
-    kind: str  # "plain", "sam", "looksam_reuse" or "flat_lora"
+    kind: str  # "plain", "sam" (SAMMixin's two passes) or "single" (the variant's own one-pass step)
     rho: float = 0.0
-    looksam_refresh: bool = False
-
-
-class _SAMMetrics:
-    """Sums of the per-step SAM metrics, kept on the device and read back only when the Trainer logs."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.clean_loss: torch.Tensor | float = 0.0
-        self.perturbed_loss: torch.Tensor | float = 0.0
-        self.grad_norm: torch.Tensor | float = 0.0
-        self.skipped: torch.Tensor | float = 0.0
-        self.steps = 0  # optimizer steps with a perturbed pass since the last log
-        self.counted: torch.Tensor | float = 0.0  # of those, the steps in the loss sums (all, or the finite ones)
-        self.step_clean: torch.Tensor | float = 0.0  # the current step's losses, until `end_step`
-        self.step_perturbed: torch.Tensor | float = 0.0
-        self.perturbations = 0  # one per step ("exact") or per micro-batch ("micro")
-        self.rho_sum = 0.0
-        self.rho_steps = 0
-
-    def end_step(self, nan_inf_filter: bool) -> None:
-        """Move the step's losses into the window sums; with the Trainer's `logging_nan_inf_filter`, a step whose
-        clean or perturbed loss is not finite is left out of them (on the device: no host sync)."""
-        clean, perturbed = self.step_clean, self.step_perturbed
-        if nan_inf_filter and isinstance(clean, torch.Tensor) and isinstance(perturbed, torch.Tensor):
-            finite = torch.isfinite(clean) & torch.isfinite(perturbed)
-            clean = torch.where(finite, clean, torch.zeros_like(clean))
-            perturbed = torch.where(finite, perturbed, torch.zeros_like(perturbed))
-            self.counted = self.counted + finite.float()
-        else:
-            self.counted = self.counted + 1.0
-        self.clean_loss = self.clean_loss + clean
-        self.perturbed_loss = self.perturbed_loss + perturbed
-        self.step_clean, self.step_perturbed = 0.0, 0.0
-        self.steps += 1
-
-    def add_perturbation(self, norm: torch.Tensor, skipped: torch.Tensor) -> None:
-        self.grad_norm = self.grad_norm + torch.where(skipped, torch.zeros_like(norm), norm)
-        self.skipped = self.skipped + skipped.float()
-        self.perturbations += 1
-
-    def pop(self, accelerator) -> dict[str, float]:
-        """Window averages, reduced across processes (a collective: every rank calls `log` with the loss)."""
-        logs = {}
-        if self.rho_steps:
-            logs["sam_rho"] = self.rho_sum / self.rho_steps
-        if self.steps:
-            values = torch.stack(
-                [
-                    torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
-                    for v in (self.clean_loss, self.perturbed_loss, self.grad_norm, self.skipped, self.counted)
-                ]
-            )
-            if accelerator.num_processes > 1:
-                values = accelerator.reduce(values, reduction="mean")
-            clean, perturbed, norm, skipped, counted = values.tolist()
-            unskipped = self.perturbations - skipped
-            logs.update(
-                sam_perturbed_loss=perturbed / counted if counted > 0 else float("nan"),
-                sam_sharpness=(perturbed - clean) / counted if counted > 0 else float("nan"),
-                sam_grad_norm=norm / unskipped if unskipped > 0 else float("nan"),
-                sam_skipped=skipped / self.perturbations if self.perturbations else 0.0,
-            )
-        self.reset()
-        return logs
-
-
-class _ModelListing:
-    """A model's trainable parameters and buffers, listed once and listed again only after its structure changed.
-
-    Listing walks every module: milliseconds per step on a LoRA model with thousands of modules, more than SAM's own
-    work there. A registration into one of the model's modules (`register_parameter`, `register_buffer`,
-    `add_module`, assigning a module or parameter attribute: PEFT adding an adapter, resized embeddings) goes through
-    torch's global registration hooks and marks the list stale; registrations elsewhere (a model's forward slicing its
-    `ModuleList` builds a new container each time) do not. `requires_grad` is read afresh at every call, so freezing
-    and unfreezing layers during training needs no new listing. The model is held weakly, and the listing is dropped
-    with it: SAM never keeps a model alive that the Trainer replaced (`model_init`).
-    """
-
-    _live: weakref.WeakSet[_ModelListing] = weakref.WeakSet()
-    _hooks_installed = False
-
-    def __init__(self) -> None:
-        if not _ModelListing._hooks_installed:
-            from torch.nn.modules import module as torch_module
-
-            torch_module.register_module_parameter_registration_hook(_ModelListing._registered)
-            torch_module.register_module_module_registration_hook(_ModelListing._registered)
-            torch_module.register_module_buffer_registration_hook(_ModelListing._registered)
-            _ModelListing._hooks_installed = True
-        self.clear()
-        _ModelListing._live.add(self)  # after `clear`: the hook reads `_module_ids`
-
-    @staticmethod
-    def _registered(module: nn.Module, name: str, value: Any) -> None:
-        for listing in _ModelListing._live:  # returns None: the registration itself is left unchanged
-            if id(module) in listing._module_ids:
-                listing._stale = True
-
-    def clear(self, *_: Any) -> None:
-        self._model: weakref.ref | None = None
-        self._module_ids: set[int] = set()
-        self._all: list[torch.Tensor] = []
-        self._buffer_owners: list[tuple[nn.Module, str]] = []
-        self._stale = True
-
-    def _refresh(self, model: nn.Module) -> None:
-        if self._stale or self._model is None or self._model() is not model:
-            modules = list(model.modules())
-            self._module_ids = {id(m) for m in modules}
-            self._all = list(model.parameters())  # yields a tied weight once, so it is perturbed once
-            self._buffer_owners = [(m, n) for m in modules for n, b in m._buffers.items() if b is not None]
-            self._model, self._stale = weakref.ref(model, self.clear), False
-
-    def __call__(self, model: nn.Module) -> list[torch.Tensor]:
-        """The trainable parameters of `model`."""
-        self._refresh(model)
-        return [p for p in self._all if p.requires_grad]
-
-    def buffer_owners(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
-        """Every buffer of `model` as (owning module, name)."""
-        self._refresh(model)
-        return self._buffer_owners
 
 
 class SAMMixin:
@@ -206,12 +72,13 @@ class SAMMixin:
     Args:
         *args: Passed to the Trainer.
         sam_config (`SAMConfig`, *optional*): The SAM settings. Defaults to the `sam_*` fields of `args` when it is
-            a `SAMArguments` (e.g. `SAMTrainingArguments`), else to `SAMConfig()`.
+            a `SAMArguments` (e.g. `SAMTrainingArguments`), read again at the start of every training run, else to
+            `SAMConfig()`.
         **kwargs: Passed to the Trainer.
 
     Raises:
-        `ValueError`: when SAM cannot run with this setup (DeepSpeed, an optimizer that steps inside `backward`,
-            `method="flat_lora"` without LoRA layers on `nn.Linear`).
+        `ValueError`: when SAM cannot run with this setup (DeepSpeed, an optimizer that steps inside `backward`, a
+            trainer that generates inside `training_step`, a variant's own refusals).
     """
 
     def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
@@ -230,30 +97,28 @@ class SAMMixin:
         refusal = _generating_trainer_reason(type(self))
         if refusal is not None:
             raise ValueError(refusal)
-        # Without an explicit config, the `sam_*` fields of the live `args` are read again at the start of every
-        # training run: a hyperparameter search sets them per trial.
         self._sam_explicit_config = sam_config
-        self.sam_config = self._sam_current_config()
-        self._sam_check_setup()
+        self._sam_variant: SAMVariant | None = None
+        self._sam_refresh_config()
         self._sam_backup = WeightBackup()
-        self._sam_listing = _ModelListing()  # the model's trainable parameters and buffers
-        self._sam_looksam_cache = TensorKeyed()  # parameter -> g_v
-        self._sam_metrics = _SAMMetrics()
-        # True while the second pass runs the parent's `training_step` at w + e.
-        self._sam_in_perturbed_pass = False
+        self._sam_listing = ModelListing()  # the model's trainable parameters and buffers
+        self._sam_metrics = SAMMetrics()
+        self._sam_in_perturbed_pass = False  # True while the second pass runs the parent's `training_step` at w + e
         self._sam_run_state: Any = None  # the `TrainerState` of the run SAM last saw: a new one is a new run
         self._sam_reset_window()
 
-    def _sam_current_config(self) -> SAMConfig:
+    def _sam_refresh_config(self) -> None:
+        """Read the settings (without an explicit config, the live `args`: a search trial sets them) and check the
+        setup, before any weight changes. The variant, and its state, is kept while the settings stay the same."""
         if self._sam_explicit_config is not None:
-            return self._sam_explicit_config
-        if isinstance(self.args, SAMArguments):
-            return self.args.to_sam_config()  # validates: the same errors as at construction
-        logger.info("No `sam_config` and no `sam_*` fields in the arguments: using the `SAMConfig` defaults.")
-        return SAMConfig()
-
-    def _sam_check_setup(self) -> None:
-        """Refuse setups SAM cannot run in, before any weight changes."""
+            config = self._sam_explicit_config
+        elif isinstance(self.args, SAMArguments):
+            config = self.args.to_sam_config()  # validates: the same errors as at construction
+        else:
+            config = SAMConfig()
+        self.sam_config = config
+        if self._sam_variant is None or self._sam_variant.config != config:
+            self._sam_variant = VARIANTS[config.method](config)
         reason = unsupported_setup_reason(self)
         if reason is not None:
             raise ValueError(reason)
@@ -263,17 +128,19 @@ class SAMMixin:
                 "step at the perturbed weights. Use an optimizer that steps after `backward`, e.g. `adamw_torch`, "
                 "`sgd` or `adafactor`."
             )
-        if self.sam_config.method == "flat_lora":
-            self._sam_flat_lora_layers()  # raises now, before training, if there is nothing to perturb
+        self._sam_variant.check_setup(self)
 
     def _sam_begin_run(self) -> None:
         """Start of a training run (a `train()` call, an `auto_find_batch_size` retry, a search trial)."""
-        self.sam_config = self._sam_current_config()
-        self._sam_check_setup()
+        self._sam_refresh_config()
         self._sam_reset_window()
         self._sam_metrics.reset()
         self._sam_listing.clear()  # the Trainer may have wrapped or replaced the model
         self._sam_run_state = self.state
+
+    def _sam_parent_training_step(self, model, inputs, num_items_in_batch):
+        """One forward-backward pass, the Trainer's own: what each of SAM's passes runs."""
+        return super().training_step(model, inputs, num_items_in_batch)
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def training_step(
@@ -293,13 +160,15 @@ class SAMMixin:
         self._sam_micro_index += 1
         if plan.kind == "plain":
             return super().training_step(model, inputs, num_items_in_batch)
-        if plan.kind == "flat_lora":
-            return self._sam_flat_lora_step(model, inputs, num_items_in_batch, plan)
-        if plan.kind == "looksam_reuse":
-            return self._sam_looksam_reuse_step(model, inputs, num_items_in_batch)
+        if plan.kind == "single":
+            return self._sam_variant.single_pass(self, model, inputs, num_items_in_batch, plan.rho)
         if self.sam_config.accumulation == "micro":
             return self._sam_micro_step(model, inputs, num_items_in_batch, plan)
         return self._sam_exact_step(model, inputs, num_items_in_batch, plan)
+
+    def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
+        """The parent's loss, through the variant (Functional-SAM changes what the perturbed pass differentiates)."""
+        return self._sam_variant.compute_loss(self, super().compute_loss, model, inputs, *args, **kwargs)
 
     def _sam_reset_window(self) -> None:
         # Per micro-batch of the window: its inputs, and the RNG states and buffers its clean pass started from.
@@ -320,12 +189,7 @@ class SAMMixin:
         if cfg.rho_schedule != "constant":
             self._sam_metrics.rho_sum += rho
             self._sam_metrics.rho_steps += 1
-        if cfg.method == "flat_lora":
-            return _StepPlan("flat_lora", rho)
-        if cfg.method == "looksam":
-            refresh = index % cfg.looksam_interval == 0 or not self._sam_looksam_cache
-            return _StepPlan("sam" if refresh else "looksam_reuse", rho, looksam_refresh=refresh)
-        return _StepPlan("sam", rho)
+        return _StepPlan(self._sam_variant.step_kind(self, index), rho)
 
     def _sam_exact_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
         self._sam_stash.append((inputs, capture_rng_state(), save_buffers(self._sam_listing.buffer_owners(model))))
@@ -363,25 +227,32 @@ class SAMMixin:
     def _sam_first_pass(self, model, inputs, num_items_in_batch):
         fraction = self.sam_config.ascent_fraction
         if fraction < 1.0:  # ascent on a leading fraction of the micro-batch (Bahri et al. 2022)
-            inputs, kept = _leading_fraction(inputs, fraction)
+            inputs, kept = leading_fraction(inputs, fraction)
             if num_items_in_batch is not None:  # keep the subset's loss on the scale of the whole micro-batch
                 num_items_in_batch = num_items_in_batch * kept
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _sam_second_pass(self, model, stash, num_items_in_batch, plan: _StepPlan, accumulated_grads) -> None:
-        """Perturb with the current gradients, re-run `stash` at w + e (same RNG), restore w exactly."""
+        """SAM's second half, as davda54/sam's `first_step` + `second_step`:
+
+        e = rho g / ||g||                   (ASAM: rho T^2 g / ||T g||; the variant may change the direction g)
+        w <- w + e                          (w kept in a backup, bit for bit)
+        g_SAM = grad L(w + e)               (each micro-batch again, with its clean pass's RNG and buffers)
+        w <- w                              (copied back; the optimizer then steps at w with g_SAM)
+        """
         # "micro" has just listed them: the same list its set-aside gradients belong to.
         trainable = accumulated_grads[0] if accumulated_grads is not None else self._sam_listing(model)
         params = [p for p in trainable if p.grad is not None]  # no gradient in the first pass: not perturbed
-        after_first_pass = capture_rng_state()
+        variant, after_first_pass = self._sam_variant, capture_rng_state()
         backups = self._sam_backup.buffers_for(params)
-        e = []
+        e, saved, perturbed = [], None, False
         try:
             if params:
+                variant.direction_(self, params)  # .grad <- the direction to perturb along (g for SAM)
                 norm, skipped = perturb_(params, backups, plan.rho, self.sam_config.adaptive, self.sam_config.eta)
-                self._sam_metrics.add_perturbation(self._sam_unscaled(norm), skipped)
-                e = [p.grad for p in params] if plan.looksam_refresh else []  # LookSAM keeps e for its cache
-            for p in trainable:  # e lived in .grad; free it before the second pass allocates its own
+                self._sam_metrics.add_perturbation(self._sam_unscaled(norm), skipped)  # .grad is now e
+                e = [p.grad for p in params] if variant.keeps_perturbation else []
+            for p in trainable:  # free e (kept only if the variant needs it) before the second pass allocates
                 p.grad = None
             if accumulated_grads is not None:
                 for p, g in zip(*accumulated_grads):
@@ -390,11 +261,10 @@ class SAMMixin:
             # FSDP2 keeps an unsynchronised gradient inside FSDP, where the next micro-batch's (synchronised) clean
             # pass would reduce it together with its own: in "micro" mode every perturbed pass synchronises there.
             last = last or (accumulated_grads is not None and defers_unsynchronised_gradients(model))
-            # What the clean pass(es) left besides the weights: module buffers (BatchNorm statistics) and the
-            # Trainer subclass's own bookkeeping (TRL's token counts and metrics). Put back after the passes.
-            after_clean_buffers = save_buffers(self._sam_listing.buffer_owners(model))
-            saved_bookkeeping = snapshot_bookkeeping(self)
-            self._sam_in_perturbed_pass = True
+            # Besides the weights, put back afterwards what the clean pass(es) left: module buffers (BatchNorm
+            # statistics) and the Trainer subclass's own bookkeeping (TRL's token counts and metrics).
+            saved = save_buffers(self._sam_listing.buffer_owners(model)), snapshot_bookkeeping(self)
+            self._sam_in_perturbed_pass = perturbed = True
             for i, (micro_inputs, rng, buffers) in enumerate(stash):
                 restore_rng_state(rng)  # same dropout masks as the clean pass
                 restore_buffers(buffers)  # same running statistics as the clean pass
@@ -407,71 +277,16 @@ class SAMMixin:
             restore_rng_state(after_first_pass)
             raise
         finally:
-            if self._sam_in_perturbed_pass:
-                restore_buffers(after_clean_buffers)
-                restore_bookkeeping(self, saved_bookkeeping)
+            if perturbed:
+                restore_buffers(saved[0])
+                restore_bookkeeping(self, saved[1])
             self._sam_in_perturbed_pass = False
             restore_(params, backups)
-        if e:
-            sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            looksam_orthogonal_(e, sam_grads, plan.rho)
-            self._sam_looksam_cache = TensorKeyed()
-            for p, g_v in zip(params, e):
-                self._sam_looksam_cache[p] = g_v
-
-    def _sam_looksam_reuse_step(self, model, inputs, num_items_in_batch):
-        """LookSAM between full SAM steps: one pass, then g <- g + alpha (||g||/||g_v||) g_v at the window's end."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
-            pairs = [
-                (p.grad, self._sam_looksam_cache[p])
-                for p in self._sam_listing(model)
-                if p.grad is not None and p in self._sam_looksam_cache
-            ]
-            if pairs:
-                grads, g_v = zip(*pairs)
-                looksam_add_(grads, g_v, self.sam_config.looksam_alpha)
-        return loss
-
-    def _sam_flat_lora_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
-        """One pass at W + eps for every LoRA base weight; eps comes from a per-step seed and is never stored."""
-        with contextlib.ExitStack() as stack:
-            for index, layer in enumerate(self._sam_flat_lora_layers()):
-                seed = flat_lora_seed(self.args.seed, self.state.global_step, self._sam_micro_index, index)
-                layer.forward = functools.partial(_noisy_linear_forward, layer, seed, plan.rho)
-                stack.callback(layer.__dict__.pop, "forward", None)  # back to the class's forward
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    def _sam_flat_lora_layers(self) -> list[nn.Linear]:
-        try:
-            from peft.tuners.lora import LoraLayer
-        except ImportError as err:
-            raise ValueError("`method='flat_lora'` (`--sam_method flat_lora`) needs `peft` installed.") from err
-        layers = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                base = module.get_base_layer()
-                if type(base) is not nn.Linear:
-                    raise ValueError(
-                        f"`method='flat_lora'` (`--sam_method flat_lora`) perturbs LoRA base weights of `nn.Linear` "
-                        f"layers; `{name}` wraps a {type(base).__name__} (quantized or non-linear bases are not "
-                        "supported). Use `method='sam'` for this model."
-                    )
-                if base.weight.requires_grad:
-                    raise ValueError(
-                        f"`method='flat_lora'` (`--sam_method flat_lora`) needs frozen LoRA base weights; `{name}` "
-                        "has a trainable base weight."
-                    )
-                layers.append(base)
-        if not layers:
-            raise ValueError(
-                "`method='flat_lora'` (`--sam_method flat_lora`) needs a PEFT LoRA model; this model has no LoRA "
-                "layer. Wrap it with `peft.get_peft_model(model, LoraConfig(...))` or use `method='sam'`."
-            )
-        return layers
+        variant.after_sam_step(self, params, e, plan.rho)
 
     def _sam_unscaled(self, norm: torch.Tensor) -> torch.Tensor:
-        # fp16: the gradients carry GradScaler's factor; the logged norm should not.
+        # fp16: the gradients carry GradScaler's factor; the logged norm should not. `_scale` (private) rather than
+        # `get_scale()`, which reads the scale back to the host.
         scaler = getattr(self.accelerator, "scaler", None)
         scale = getattr(scaler, "_scale", None)
         return norm / scale.to(norm.device).reshape(()) if scale is not None else norm
@@ -497,7 +312,7 @@ class SAMMixin:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(add_sam_to_model_card(card, self.sam_config))
 
-    # ---- checkpoints -------------------------------------------------------------------------------------------
+    # ---- checkpoints (private hooks: SAM's state is saved and loaded with the optimizer's) ----------------------
     def _sam_state_file(self) -> str:
         # LookSAM's cache can differ between processes only in its rounding; each process keeps its own.
         if self.args.world_size > 1:
@@ -506,21 +321,16 @@ class SAMMixin:
 
     def _sam_state_dict(self) -> dict[str, Any]:
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return {
-            "config": dataclasses.asdict(self.sam_config),
-            "looksam_cache": {names[id(p)]: g_v for p, g_v in self._sam_looksam_cache.items() if id(p) in names},
-        }
+        return {"config": dataclasses.asdict(self.sam_config), **self._sam_variant.state_dict(names)}
 
     def _sam_load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sam_refresh_config()
         if state.get("config") != dataclasses.asdict(self.sam_config):
             logger.warning(
                 f"Resuming with SAM settings {dataclasses.asdict(self.sam_config)} that differ from the "
                 f"checkpoint's {state.get('config')}."
             )
-        params = dict(self.model.named_parameters())
-        self._sam_looksam_cache = TensorKeyed()
-        for name, g_v in state["looksam_cache"].items():
-            self._sam_looksam_cache[params[name]] = g_v.to(params[name].device)
+        self._sam_variant.load_state_dict(state, dict(self.model.named_parameters()))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Save SAM's state (`sam_state.pt`) beside the optimizer's, whose `optimizer.pt` stays untouched."""
@@ -598,21 +408,6 @@ def enable_sam(trainer: Trainer, sam_config: SAMConfig | None = None) -> Trainer
         trainer.__class__ = cls
         raise
     return trainer
-
-
-def _leading_fraction(inputs: dict[str, Any], fraction: float) -> tuple[dict[str, Any], float]:
-    """The first ceil(fraction * batch) examples of every batched tensor, and the kept share of the batch."""
-    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    if len(sizes) != 1:
-        return inputs, 1.0  # no single batch dimension to slice: ascend on the whole micro-batch
-    (batch,) = sizes
-    keep = max(1, math.ceil(batch * fraction))
-    sliced = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
-    return sliced, keep / batch
-
-
-def _noisy_linear_forward(layer: nn.Linear, seed: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
-    return NoisyLinearFunction.apply(x, layer.weight, layer.bias, seed, sigma)
 
 
 class SAMTrainer(SAMMixin, Trainer):

@@ -58,7 +58,7 @@ def test_no_host_reads_in_the_step(tmp_path, host_reads, sam):
 
 def test_the_detector_sees_a_host_read(tmp_path, host_reads, monkeypatch):
     """The check above can fail: a `.item()` slipped into the step (here into the metrics) is reported."""
-    from hf_sam.trainer import _SAMMetrics
+    from hf_sam.metrics import SAMMetrics as _SAMMetrics
 
     source = (
         "def add_perturbation(self, norm, skipped):\n"

@@ -329,9 +329,9 @@ def test_layer_unfrozen_during_training_is_perturbed_from_then_on(tmp_path):
 
 
 def test_parameter_listing_follows_registrations_and_requires_grad():
-    from hf_sam.trainer import _ModelListing
+    from hf_sam.listing import ModelListing
 
-    listing = _ModelListing()
+    listing = ModelListing()
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
 
     def ids(params):

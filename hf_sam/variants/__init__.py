@@ -1,0 +1,44 @@
+"""SAM's variants, each a class of hooks in a module of its own (`base.py` says what the hooks are).
+
+`REGISTRY` below is the one dispatch point: `sam_method` -> the module and class that implement it. Adding a variant
+is one new module beside this file and one line here; its settings become `SAMConfig` fields and `--sam_*` flags,
+its validation runs in `SAMConfig`, and `SAMMixin` calls its hooks.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import SAMVariant, Setting
+from .flat_lora import NoisyLinearFunction, flat_lora_noise, flat_lora_seed
+from .looksam import looksam_add_, looksam_orthogonal_
+from .schedules import leading_fraction, sam_step_index, scheduled_rho
+
+__all__ = [
+    "REGISTRY",
+    "VARIANTS",
+    "NoisyLinearFunction",
+    "SAMVariant",
+    "Setting",
+    "flat_lora_noise",
+    "flat_lora_seed",
+    "leading_fraction",
+    "looksam_add_",
+    "looksam_orthogonal_",
+    "sam_step_index",
+    "scheduled_rho",
+]
+
+REGISTRY = {  # sam_method: "module:Class" in this package
+    "sam": "base:SAMVariant",
+    "looksam": "looksam:LookSAM",
+    "flat_lora": "flat_lora:FlatLoRA",
+}
+
+
+def _load(path: str) -> type[SAMVariant]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+VARIANTS: dict[str, type[SAMVariant]] = {method: _load(path) for method, path in REGISTRY.items()}
