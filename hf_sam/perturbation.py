@@ -52,8 +52,8 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         tensors (`Sequence[torch.Tensor]`): Tensors on any devices and dtypes, plain or `DTensor` shards.
 
     Returns:
-        `torch.Tensor`: sqrt(sum_i ||t_i||^2), computed in float32 (float64 for float64 tensors) so that fp16 (and GradScaler-scaled) values do
-        not overflow. Sharded `DTensor` norms are reduced across their mesh (FSDP2).
+        `torch.Tensor`: sqrt(sum_i ||t_i||^2), computed in float32 (float64 when a tensor is float64) so that fp16
+        (and GradScaler-scaled) values do not overflow. Sharded `DTensor` norms are reduced across their mesh (FSDP2).
     """
     if not tensors:
         raise ValueError("global_norm needs at least one tensor.")
