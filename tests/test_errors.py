@@ -130,6 +130,8 @@ CONFIG_CASES = {
     "looksam-micro": dict(method="looksam", accumulation="micro"),
     "looksam-local": dict(method="looksam", sync="local"),
     "looksam-interval": dict(method="looksam", interval=2),
+    "preconditioner-unknown": dict(preconditioner="shampoo"),
+    "preconditioner-method": dict(preconditioner="adam", method="looksam"),
     "flat-lora-adaptive": dict(method="flat_lora", adaptive=True),
     "flat-lora-ascent-fraction": dict(method="flat_lora", ascent_fraction=0.5),
 }
@@ -145,6 +147,7 @@ CASES = {
     "fsdp-flat-lora": lambda t, m: _fsdp_setup(2, method="flat_lora"),
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
+    "preconditioner-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_preconditioner="adam")),
     "sam-config-type": lambda t, m: _trainer(t, args=TrainingArguments(**base_args(t)), sam_config={"rho": 0.1}),
     "flat-lora-no-lora": lambda t, m: _trainer(t, args=_args(t, sam_method="flat_lora")),
     "flat-lora-trainable-base": lambda t, m: _trainer(

@@ -24,7 +24,7 @@ __all__ = ["ADAM_OPTIMIZERS", "PRECONDITIONED_CITATION", "adam_precondition_", "
 # `optim` values whose optimizer keeps Adam's `exp_avg_sq` per parameter, in full precision.
 ADAM_OPTIMIZERS = tuple(
     OptimizerNames(name)
-    for name in ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_apex_fused")
+    for name in ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused")
     if name in OptimizerNames._value2member_map_
 )
 
