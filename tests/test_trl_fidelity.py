@@ -95,3 +95,26 @@ def test_trl_model_cards_name_sam(tmp_path):
     dpo.create_model_card()
     card = (tmp_path / "dpo" / "README.md").read_text()
     assert "- sam_rho: 0.2" in card and "foret2021sharpnessaware" in card and "DPO" in card
+
+
+def test_enable_sam_on_sft_trainer_equals_the_class_level_mixin(tmp_path):
+    from hf_sam import enable_sam
+    from hf_sam.trl import SAMSFTTrainer
+
+    kwargs = sgd(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    data, tokenizer, config = sft_dataset(), tiny_tokenizer(), SAMConfig(rho=0.1)
+    built = trl.SFTTrainer(
+        model=tiny_policy(), args=trl.SFTConfig(**kwargs), train_dataset=data, processing_class=tokenizer
+    )
+    enabled = enable_sam(built, config)
+    mixed = SAMSFTTrainer(
+        model=tiny_policy(), args=trl.SFTConfig(**kwargs), train_dataset=data, processing_class=tokenizer,
+        sam_config=config,
+    )  # fmt: skip
+    enabled.train()
+    mixed.train()
+    assert enabled is built and isinstance(enabled, trl.SFTTrainer)
+    for p, q in zip(enabled.model.parameters(), mixed.model.parameters()):
+        assert torch.equal(p, q)
+    for a, b in zip(train_logs(enabled), train_logs(mixed), strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
