@@ -126,3 +126,35 @@ def test_qlora_row_says_why_it_was_skipped(tmp_path, monkeypatch):
     row = gc.qlora_row(args)
     assert row["steps"] == 0 and "bitsandbytes is not installed" in row["notes"]
     assert not (tmp_path / "qlora").exists()
+
+
+def test_qlora_row_reads_the_metrics_that_sft_lora_writes(tmp_path, monkeypatch):
+    gc = _load()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name)
+    )
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # what examples/sft_lora.py leaves behind (keys as in its metrics.json)
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.mkdir(parents=True)
+        metrics = {"train_runtime_s": 2.5, "final_loss": 3.64, "final_sam_sharpness": 0.222, "final_sam_skipped": 0.0}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gc.subprocess, "run", fake_run)
+    row = gc.qlora_row(gc.argparse.Namespace(output_dir=str(tmp_path), qlora_steps=5))
+    (cmd,) = calls
+    assert cmd[cmd.index("--load_in_4bit") + 1] == "true" and cmd[cmd.index("--max_steps") + 1] == "5"
+    assert row["median_ms"] == pytest.approx(500.0) and row["steps"] == 5
+    assert "loss 3.64" in row["notes"] and "sam_sharpness 0.222" in row["notes"]
+
+    def failing_run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: CUDA out of memory")
+
+    monkeypatch.setattr(gc.subprocess, "run", failing_run)
+    row = gc.qlora_row(gc.argparse.Namespace(output_dir=str(tmp_path / "second"), qlora_steps=5))
+    assert "failed (exit 1" in row["notes"] and "CUDA out of memory" in row["notes"]
+    assert "CUDA out of memory" in (tmp_path / "second" / "qlora.log").read_text()
