@@ -14,10 +14,12 @@ TORCH="torch==2.13.0"
 AXOLOTL="axolotl==0.19.0"
 LLAMAFACTORY="llamafactory==0.9.5"
 # LLaMA-Factory 0.9.5's own requirements (its wheel metadata) with one change: it caps transformers at <=5.6.0, below
-# hf_sam's minimum 5.10.1, so it is installed with --no-deps and transformers is lifted to hf_sam's range. Run it with
-# DISABLE_VERSION_CHECK=1 (its runtime check repeats the cap).
+# hf_sam's minimum 5.10.1, so it is installed with --no-deps and transformers is lifted into hf_sam's range. Run it with
+# DISABLE_VERSION_CHECK=1 (its runtime check repeats the cap). Below 5.23: from 5.23.0 on, transformers' checkpointed
+# layers call `partial(forward, self)`, which LLaMA-Factory's gradient checkpointing cannot handle ("'function' object
+# has no attribute '__self__'", also without SAM).
 LLAMAFACTORY_DEPS=(
-    "transformers>=5.10.1,<6" "trl>=0.18.0,<=0.24.0" "peft>=0.18.0,<=0.18.1" "accelerate>=1.3.0,<=1.11.0"
+    "transformers>=5.10.1,<5.23" "trl>=0.18.0,<=0.24.0" "peft>=0.18.0,<=0.18.1" "accelerate>=1.3.0,<=1.11.0"
     "datasets>=2.16.0,<=4.0.0" "av>=10.0.0,<=16.0.0" "gradio>=4.38.0,<=5.50.0" "torchdata>=0.10.0,<=0.11.0"
     "tyro<0.9.0" einops fastapi fire hf-transfer "matplotlib>=3.7.0" modelscope numpy omegaconf packaging pandas
     protobuf pydantic pyyaml safetensors scipy sentencepiece sse-starlette tiktoken torchaudio torchvision uvicorn

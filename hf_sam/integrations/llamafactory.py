@@ -8,7 +8,7 @@ takes the place of `llamafactory-cli train`:
 It reads the same YAML (or JSON) with LLaMA-Factory's `key=value` overrides, removes the `sam_*` keys (LLaMA-Factory's
 parser would refuse them), and runs `llamafactory.train.tuner.run_exp` while the name through which the stage's
 workflow constructs its trainer (`CustomSeq2SeqTrainer` for `stage: sft`, ...) refers to a function that builds that
-class unchanged and then calls `enable_sam` on it. Nothing else in LLaMA-Factory is touched. It runs in one process.
+class unchanged and then calls `enable_sam` on it. Nothing else in LLaMA-Factory is touched.
 """
 
 from __future__ import annotations
