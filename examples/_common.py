@@ -8,7 +8,10 @@ it). Nothing here reaches the network.
   held-out split and optional label noise (the image example's and the benefit benchmark's default data).
 - `tiny_image_config`: small from-scratch `ResNetConfig` (BatchNorm), `ViTConfig` or `ConvNextConfig` for CPU runs.
 - `final_train_metrics`: the last logged training loss and `sam_*` metrics, plus their curves.
-- `write_json`: the metrics file each example writes.
+- `write_json`, `write_predictions`: the metrics and predictions files the examples write.
+- `load_classifier`, `classify_texts`: text classification's `--predict_from` mode.
+- `SFTExampleArguments` and the functions after it: what `sft_lora.py` adds to TRL's `sft.py` (the embedded
+  word-reversal task, LoRA on the last layers only, held-out exact match by greedy generation, `--predict_from`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +94,14 @@ def tiny_image_config(model_type: str, image_size: int, labels: list[str]) -> An
         )
     if model_type == "vit":
         return ViTConfig(
-            image_size=image_size, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=128, **label_kwargs,
-        )  # fmt: skip
+            image_size=image_size,
+            patch_size=4,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            **label_kwargs,
+        )
     if model_type == "convnext":
         return ConvNextConfig(
             image_size=image_size, patch_size=2, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, **label_kwargs
@@ -117,3 +127,251 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def classify_texts(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64) -> list[int]:
+    """The argmax class of each text (for `--predict_from`)."""
+    import torch
+
+    model.eval()
+    predictions: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(model.device)
+            predictions += model(**batch).logits.argmax(-1).tolist()
+    return predictions
+
+
+def load_classifier(source: str | Path, base_default: str | None = None) -> tuple[Any, Any, dict[int, str]]:
+    """Load a run saved by `text_classification.py`: a full model, or its base encoder + LoRA adapter.
+
+    Returns:
+        `tuple`: model, tokenizer and `id2label`.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = Path(source)
+    if not source.is_dir():
+        raise ValueError(f"`predict_from` (`--predict_from`) must be a directory of a saved run, got {source}.")
+    id2label = {int(k): v for k, v in json.loads((source / "labels.json").read_text()).items()}
+    if (source / "adapter_config.json").is_file():  # LoRA: the base encoder with a head of the right size + adapter
+        from peft import PeftModel
+
+        base_path = json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_path or base_default,
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={n: i for i, n in id2label.items()},
+        )
+        model = PeftModel.from_pretrained(base, str(source))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(source)
+    return model, AutoTokenizer.from_pretrained(source), id2label
+
+
+def write_predictions(out_dir: str | Path, records: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """`predictions.jsonl` and `metrics.json` of a `--predict_from` run; prints the first records."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    for record in records[:5]:
+        print(json.dumps(record))
+    write_json(out / "metrics.json", metrics)
+
+
+# ---- SFT (examples/sft_lora.py): the embedded task, LoRA on the last layers, held-out exact match ----------------
+@dataclass
+class SFTExampleArguments:
+    """What `sft_lora.py` adds to the arguments of TRL's `sft.py`."""
+
+    use_sam: bool = field(default=True, metadata={"help": "Train with SAM; `false` gives TRL's plain SFTTrainer."})
+    lora_last_layers: int | None = field(
+        default=None, metadata={"help": "Adapt only the last N transformer layers (cheaper backward on CPU)."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message before each prompt."})
+    task_train_size: int = field(default=2000, metadata={"help": "Embedded task: training examples."})
+    task_eval_size: int = field(default=200, metadata={"help": "Embedded task: held-out examples (unseen words)."})
+    task_min_words: int = field(default=3, metadata={"help": "Embedded task: fewest words per example."})
+    task_max_words: int = field(default=4, metadata={"help": "Embedded task: most words per example."})
+    label_noise: float = field(default=0.0, metadata={"help": "Embedded task: fraction of wrong training answers."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Held-out scoring: generation budget per answer."})
+    generation_batch_size: int = field(default=50, metadata={"help": "Held-out scoring: prompts per batch."})
+    predict_from: str | None = field(default=None, metadata={"help": "Skip training: answer with this saved run."})
+    prompts: list[str] | None = field(default=None, metadata={"help": "With `--predict_from`: prompts to answer."})
+
+
+def reverse_task_conversations(args: SFTExampleArguments, seed: int) -> Any:
+    """The embedded word-reversal task as conversational prompt/completion pairs: `train` and `test` (unseen words)."""
+    from hf_sam.embedded import make_reverse_task
+
+    raw = make_reverse_task(
+        n_train=args.task_train_size,
+        n_eval=args.task_eval_size,
+        seed=seed,
+        label_noise=args.label_noise,
+        min_words=args.task_min_words,
+        max_words=args.task_max_words,
+    )
+    raw["test"] = raw.pop("validation")
+
+    def convert(ex: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "prompt": messages(ex["prompt"], args.system_prompt),
+            "completion": [{"role": "assistant", "content": ex["completion"]}],
+        }
+
+    return raw.map(convert, remove_columns=raw["train"].column_names)
+
+
+def messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """A user prompt as chat messages, after an optional system message."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
+
+
+def restrict_lora_layers(peft_config: Any, model_name_or_path: str, last_layers: int | None) -> Any:
+    """Adapt only the last `last_layers` transformer layers (`layers_to_transform`); unchanged when `None`."""
+    if peft_config is None or last_layers is None:
+        return peft_config
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(model_name_or_path).num_hidden_layers
+    peft_config.layers_to_transform = list(range(max(0, num_layers - last_layers), num_layers))
+    return peft_config
+
+
+def _text(value: Any) -> str:
+    return value[-1]["content"] if isinstance(value, list) else str(value)
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    max_new_tokens: int = 24,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to prompts (chat messages, through the chat template; or plain strings), left-padded batches."""
+    import torch
+    from tqdm.auto import tqdm
+
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
+            texts = [
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                if isinstance(p, list)
+                else p
+                for p in prompts[start : start + batch_size]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+            decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers += [d.strip() for d in decoded]
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return answers
+
+
+def held_out_exact_match(
+    model: Any, tokenizer: Any, ds: Any, args: SFTExampleArguments, progress: bool = True
+) -> tuple[float, list[dict[str, str]]]:
+    """Exact match of greedy answers against the completions (the shipped `evaluate` script), and the records."""
+    import evaluate
+
+    from hf_sam.embedded import metric_path
+
+    answers = generate_answers(
+        model, tokenizer, ds["prompt"], args.max_new_tokens, args.generation_batch_size, progress
+    )
+    references = [_text(c) for c in ds["completion"]]
+    records = [
+        {"prompt": _text(p), "reference": r, "prediction": a} for p, r, a in zip(ds["prompt"], references, answers)
+    ]
+    score = evaluate.load(metric_path("exact_match")).compute(predictions=answers, references=references)
+    return score["exact_match"], records
+
+
+def write_sft_metrics(trainer: Any, test: Any, args: SFTExampleArguments, train_s: float) -> dict[str, Any]:
+    """After training: held-out exact match (when the test split has prompt/completion), metrics.json."""
+    out = Path(trainer.args.output_dir)
+    metrics: dict[str, Any] = {
+        "use_sam": args.use_sam,
+        "seed": trainer.args.seed,
+        "max_steps": trainer.args.max_steps,
+        "label_noise": args.label_noise,
+        "train_runtime_s": train_s,
+    }
+    if getattr(trainer.args, "sam_rho", None) is not None and args.use_sam:
+        metrics["sam_rho"] = trainer.args.sam_rho
+    metrics.update(final_train_metrics(trainer.state.log_history))
+    if test is not None and {"prompt", "completion"} <= set(test.column_names):
+        start = time.perf_counter()
+        metrics["eval_exact_match"], records = held_out_exact_match(
+            trainer.model, trainer.processing_class, test, args
+        )
+        metrics["eval_generation_runtime_s"] = time.perf_counter() - start
+        metrics["eval_samples"] = len(records)
+        with open(out / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    write_json(out / "metrics.json", metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=2))
+    return metrics
+
+
+def predict_sft(args: SFTExampleArguments, model_args: Any, output_dir: str, test: Any) -> dict[str, Any]:
+    """`--predict_from`: load a saved run (a PEFT adapter or a full model) and answer `--prompts` or the test split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(args.predict_from)
+    if not source.is_dir():
+        raise ValueError(f"`predict_from` (`--predict_from`) must be a directory of a saved run, got {source}.")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if (source / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from hf_sam.embedded import smollm2_path
+
+        base = (
+            model_args.model_name_or_path
+            or json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            or smollm2_path()
+        )
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(source))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source)
+    metrics: dict[str, Any] = {"predict_from": str(source)}
+    if args.prompts:
+        prompts = [messages(p, args.system_prompt) for p in args.prompts]
+        answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.generation_batch_size)
+        records = [{"prompt": p, "prediction": a} for p, a in zip(args.prompts, answers)]
+    else:
+        metrics["eval_exact_match"], records = held_out_exact_match(model, tokenizer, test, args)
+        metrics["eval_samples"] = len(records)
+    write_predictions(output_dir, records, metrics)
+    return metrics

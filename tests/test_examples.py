@@ -249,15 +249,66 @@ def test_text_classification_end_to_end_and_predict(tmp_path, use_lora):
 def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     proc = _run(
-        [str(EXAMPLES / "demo.py"), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "2",
-         "--eval_size", "4", "--train_size", "16", "--lora_r", "2", "--lora_last_layers", "2", "--logging_steps", "1"],
+        [str(EXAMPLES / "demo.py"), "--output_dir", str(out), "--quick", "--image_seeds", "0", "1", "--image_steps",
+         "3", "--max_steps", "2", "--batch_size", "2", "--eval_size", "4", "--train_size", "16", "--lora_r", "2",
+         "--lora_last_layers", "2", "--logging_steps", "1"],
         tmp_path,
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
-    assert [row["run"].split(" (")[0] for row in results["table"]] == ["base", "LoRA + AdamW", "LoRA + SAM"]
-    assert set(results["runs"]) == {"AdamW", "SAM"}
-    assert results["runs"]["SAM"]["final_sam_sharpness"] is not None and results["runs"]["SAM"]["use_sam"] is True
+    image = results["image"]
+    assert {(r["method"], r["seed"]) for r in image["records"]} == {(m, s) for m in ("adamw", "sam") for s in (0, 1)}
+    diff = image["summary"]["sam"]["accuracy"]["diff"]
+    assert diff["n"] == 2 and diff["low"] <= diff["mean"] <= diff["high"]
+    lm = results["lm"]
+    assert [row["run"].split(" (")[0] for row in lm["table"]] == ["base", "LoRA + AdamW", "LoRA + SAM"]
+    assert lm["runs"]["SAM"]["final_sam_sharpness"] is not None and lm["runs"]["SAM"]["use_sam"] is True
     # the baseline is TRL's plain SFTTrainer (`--use_sam false`): no sam_* metrics
-    assert results["runs"]["AdamW"]["use_sam"] is False and "final_sam_sharpness" not in results["runs"]["AdamW"]
+    assert lm["runs"]["AdamW"]["use_sam"] is False and "final_sam_sharpness" not in lm["runs"]["AdamW"]
     assert (out / "training_curves.png").stat().st_size > 10_000
-    assert "held-out exact match" in proc.stdout and "LoRA + SAM" in proc.stdout
+    assert "95% interval paired by seed" in proc.stdout and "LoRA + SAM" in proc.stdout
+    assert "SAM - AdamW here:" in proc.stdout  # the one LM seed, read against the benchmark (or said to have none)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["resnet", "vit"])
+def test_image_classification_end_to_end(tmp_path, model_type):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "img"
+    _run(
+        [str(EXAMPLES / "image_classification.py"), "--output_dir", str(out), "--model_type", model_type,
+         "--max_steps", "4", "--per_device_train_batch_size", "8", "--digits_train_size", "40",
+         "--max_eval_samples", "32", "--label_noise", "0.25", "--logging_steps", "1", "--save_strategy", "no",
+         "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0"],
+        tmp_path,
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["train_samples"] == 40 and metrics["use_sam"] is True
+    assert metrics["final_sam_sharpness"] is not None and len(metrics["curves"]["loss"]) == 4
+    if model_type == "resnet":  # BatchNorm: the running statistics count one update per step (the clean pass)
+        from safetensors.torch import load_file
+
+        state = load_file(out / "model.safetensors")
+        tracked = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
+        assert tracked and all(int(v) == 4 for v in tracked), tracked
+
+
+def test_digits_dataset_split_and_noise():
+    pytest.importorskip("sklearn")
+    common = _common()
+    data = common.digits_dataset(n_train=300, seed=1, label_noise=0.2)
+    assert len(data["train"]) == 300 and len(data["validation"]) == 1797 - 300
+    assert sum(data["train"]["noisy"]) == 60 and not any(data["validation"]["noisy"])
+    clean = common.digits_dataset(n_train=300, seed=1)
+    changed = [a != b for a, b in zip(data["train"]["label"], clean["train"]["label"])]
+    assert changed == data["train"]["noisy"]  # exactly the marked labels differ, each to another class
+    assert data["validation"]["label"] == clean["validation"]["label"]
+    assert data["train"][0]["image"].size == (8, 8)
+
+
+def _common():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return _common
