@@ -113,6 +113,9 @@ def kernel_row(counts: dict[str, int]) -> dict[str, Any]:
     if any(counts.get(k) is None for k in ("plain", "floor", "sam")):
         row["notes"] = f"profiling gave no count: {counts}"
         return row
+    if counts["floor"] == 0:
+        row["notes"] = f"the profiler saw no CUDA kernel (is CUPTI available?): {counts}"
+        return row
     added = counts["sam"] - counts["floor"]
     row["kernels"] = added
     row["notes"] = (
@@ -263,7 +266,19 @@ def time_row(row: str, precision: str, args: argparse.Namespace, compiled: bool 
     return result
 
 
-def kernels_per_step(row: str, args: argparse.Namespace) -> int:
+def _measured(row: str, precision: str, args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
+    """`time_row`, or a row that says why it failed: one failure should not lose the other rows."""
+    name = f"{row}, torch_compile" if compiled else row
+    try:
+        result = time_row(row, precision, args, compiled)
+    except Exception as err:
+        result = skipped_row(name, precision, f"failed: {type(err).__name__}: {str(err)[:200]}")
+        result["compiled"] = compiled
+    print(f"  {name} ({precision}): {result['median_ms']:.2f} ms {result['notes']}", flush=True)
+    return result
+
+
+def kernels_per_step(row: str, args: argparse.Namespace) -> int | None:
     """CUDA kernels of one bf16 step of `row`, profiled after two unprofiled steps."""
     trainer = make_trainer(row, "bf16", args, max_steps=3)
     probe = _profile_step_callback(step=2)
@@ -378,22 +393,22 @@ def main(argv: list[str] | None = None) -> int:
     if "precision" not in args.skip:
         for precision in PRECISIONS:
             for row in ("plain", "floor", "sam"):
-                rows.append(time_row(row, precision, args))
-                print(f"  {row} {precision}: {rows[-1]['median_ms']:.2f} ms", flush=True)
+                rows.append(_measured(row, precision, args, compiled=False))
     if "compile" not in args.skip:
         for row in ("floor", "sam"):
-            try:
-                rows.append(time_row(row, "bf16", args, compiled=True))
-            except Exception as err:  # a compile failure is a finding, not a reason to lose the other rows
-                rows.append(skipped_row(f"{row}, torch_compile", "bf16", f"failed: {type(err).__name__}: {err}"))
-                rows[-1]["compiled"] = True
-            print(f"  {row} torch_compile: {rows[-1]['median_ms']:.2f} ms", flush=True)
+            rows.append(_measured(row, "bf16", args, compiled=True))
     if "qlora" not in args.skip:
         rows.append(qlora_row(args))
         print(f"  qlora: {rows[-1]['notes']}", flush=True)
     add_ratios(rows)
     if "kernels" not in args.skip:
-        counts = {row: kernels_per_step(row, args) for row in ("plain", "floor", "sam")}
+        counts = {}
+        for row in ("plain", "floor", "sam"):
+            try:
+                counts[row] = kernels_per_step(row, args)
+            except Exception as err:
+                print(f"  kernels of {row}: failed: {type(err).__name__}: {err}", flush=True)
+                counts[row] = None
         for r in rows:
             if r["precision"] == "bf16" and not r.get("compiled") and r["row"] in counts:
                 r["kernels"] = counts[r["row"]]

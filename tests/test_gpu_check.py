@@ -158,3 +158,9 @@ def test_qlora_row_reads_the_metrics_that_sft_lora_writes(tmp_path, monkeypatch)
     row = gc.qlora_row(gc.argparse.Namespace(output_dir=str(tmp_path / "second"), qlora_steps=5))
     assert "failed (exit 1" in row["notes"] and "CUDA out of memory" in row["notes"]
     assert "CUDA out of memory" in (tmp_path / "second" / "qlora.log").read_text()
+
+
+def test_kernel_row_flags_a_profiler_that_saw_no_kernel():
+    gc = _load()
+    row = gc.kernel_row({"plain": 0, "floor": 0, "sam": 0})
+    assert row["kernels"] is None and "no CUDA kernel" in row["notes"]
