@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorKeyed", "WeightBackup", "global_norm", "perturb_", "restore_"]
+__all__ = ["TensorKeyed", "WeightBackup", "global_norm", "perturb_", "perturb_along_", "restore_"]
 
 
 def _group_by_device(tensors: Sequence[torch.Tensor], with_dtype: bool = False) -> dict[Any, list[int]]:
@@ -112,6 +112,45 @@ def perturb_(
         for g in device_grads:
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         torch._foreach_add_([params[i] for i in idx], device_grads)  # params <- w + e
+    return norm, ~ok
+
+
+@torch.no_grad()
+def perturb_along_(
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    backups: Sequence[torch.Tensor],
+    rho: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move `params` from w to w + rho d/||d|| in place, along given directions d that are left untouched.
+
+    For perturbations that do not come from `.grad` (Momentum-SAM perturbs along the optimizer's momentum with a
+    negative `rho`). `backups` receive an exact copy of w, for `restore_`. The scaled direction is formed one tensor
+    at a time, so the only temporary is the size of one parameter; nothing is read back to the host.
+
+    Args:
+        params (`Sequence[torch.Tensor]`): The parameters to move.
+        directions (`Sequence[torch.Tensor]`): One direction per parameter, of its shape (any floating dtype).
+        backups (`Sequence[torch.Tensor]`): Buffers of the parameters' shapes and dtypes, overwritten with w.
+        rho (`float`): Signed length of the step: w + rho d/||d||.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ||d|| and a 0-dim bool, True when the step was skipped (w unchanged)
+        because ||d|| was zero or not finite.
+    """
+    norm = global_norm(directions)
+    params, directions, backups = _local(params), _local(directions), _local(backups)
+    ok = torch.isfinite(norm) & (norm > 0)
+    scale = torch.where(ok, rho / norm, torch.zeros_like(norm))
+    torch._foreach_copy_(backups, params)
+    try:
+        for p, d in zip(params, directions):
+            step = d.mul(scale.to(d.device))
+            torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped step adds exactly 0
+            p.add_(step)
+    except BaseException:
+        torch._foreach_copy_(params, backups)  # never leave the parameters half moved
+        raise
     return norm, ~ok
 
 

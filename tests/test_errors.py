@@ -134,6 +134,8 @@ CONFIG_CASES = {
     "preconditioner-method": dict(preconditioner="adam", method="looksam"),
     "flat-lora-adaptive": dict(method="flat_lora", adaptive=True),
     "flat-lora-ascent-fraction": dict(method="flat_lora", ascent_fraction=0.5),
+    "msam-adaptive": dict(method="msam", adaptive=True),
+    "msam-ascent-fraction": dict(method="msam", ascent_fraction=0.5),
 }
 
 # Every row: id -> code that builds its setting (tmp_path, monkeypatch).
@@ -145,6 +147,7 @@ CASES = {
     "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
     "fsdp-looksam": lambda t, m: _fsdp_setup(2, method="looksam"),
     "fsdp-flat-lora": lambda t, m: _fsdp_setup(2, method="flat_lora"),
+    "fsdp-msam": lambda t, m: _fsdp_setup(2, method="msam"),
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
     "preconditioner-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_preconditioner="adam")),
@@ -159,6 +162,7 @@ CASES = {
     "flat-lora-no-peft": lambda t, m: _without_module(
         m, "peft.tuners.lora", lambda: _trainer(t, args=_args(t, sam_method="flat_lora"))
     ),
+    "msam-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_method="msam")),
     "trl-missing": lambda t, m: _import_hf_sam_trl(m),
     "generating-trainer": lambda t, m: _generating_trainer(),
     "enable-sam-twice": lambda t, m: enable_sam(_trainer(t)),

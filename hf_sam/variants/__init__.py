@@ -33,6 +33,7 @@ REGISTRY = {  # sam_method: "module:Class" in this package
     "sam": "base:SAMVariant",
     "looksam": "looksam:LookSAM",
     "flat_lora": "flat_lora:FlatLoRA",
+    "msam": "msam:MomentumSAM",
 }
 
 
