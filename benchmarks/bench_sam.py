@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rho-lr": {"sam_rho": 0.05, "sam_rho_schedule": "lr"},
     "flat-lora": {"sam_rho": 0.05, "sam_method": "flat_lora", "cases": ["smollm2-lora", "tiny-lora"]},
     "msam": {"sam_rho": 3.0, "sam_method": "msam"},
+    "friendly": {"sam_rho": 0.05, "sam_method": "friendly"},
 }
 DEFAULT_VARIANTS = ("sam",)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
@@ -99,6 +100,14 @@ def _search_with_rho(tmp_path, rho):
     trainer.hyperparameter_search(hp_space=lambda trial: {"sam_rho": rho}, backend="optuna", n_trials=1)
 
 
+def _friendly_fp16(tmp_path):
+    # On CPU Accelerate creates no GradScaler for fp16; on a GPU it does, at construction. Give it one by hand: the
+    # check runs again at the start of the training run.
+    trainer = _trainer(tmp_path, args=_args(tmp_path, fp16=True, max_steps=1, sam_method="friendly"))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+
+
 NAN, INF = float("nan"), float("inf")
 
 # Rows about one `SAMConfig`: id -> its keyword arguments (the `sam_*` fields and `--sam_*` flags give the same
@@ -134,6 +143,8 @@ CONFIG_CASES = {
     "preconditioner-method": dict(preconditioner="adam", method="looksam"),
     "flat-lora-adaptive": dict(method="flat_lora", adaptive=True),
     "flat-lora-ascent-fraction": dict(method="flat_lora", ascent_fraction=0.5),
+    "friendly-sigma-negative": dict(friendly_sigma=-1.0),
+    "friendly-lambda-one": dict(friendly_lambda=1.0),
     "msam-adaptive": dict(method="msam", adaptive=True),
     "msam-ascent-fraction": dict(method="msam", ascent_fraction=0.5),
 }
@@ -147,6 +158,7 @@ CASES = {
     "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
     "fsdp-looksam": lambda t, m: _fsdp_setup(2, method="looksam"),
     "fsdp-flat-lora": lambda t, m: _fsdp_setup(2, method="flat_lora"),
+    "fsdp-friendly": lambda t, m: _fsdp_setup(2, method="friendly"),
     "fsdp-msam": lambda t, m: _fsdp_setup(2, method="msam"),
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
@@ -162,6 +174,7 @@ CASES = {
     "flat-lora-no-peft": lambda t, m: _without_module(
         m, "peft.tuners.lora", lambda: _trainer(t, args=_args(t, sam_method="flat_lora"))
     ),
+    "friendly-fp16": lambda t, m: _friendly_fp16(t),
     "msam-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_method="msam")),
     "trl-missing": lambda t, m: _import_hf_sam_trl(m),
     "generating-trainer": lambda t, m: _generating_trainer(),

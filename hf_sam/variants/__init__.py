@@ -34,6 +34,7 @@ REGISTRY = {  # sam_method: "module:Class" in this package
     "looksam": "looksam:LookSAM",
     "flat_lora": "flat_lora:FlatLoRA",
     "msam": "msam:MomentumSAM",
+    "friendly": "friendly:FriendlySAM",
 }
 
 
