@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
+from test_no_host_sync import host_reads  # noqa: F401 (a fixture)
 from test_resume import run as resume_run
 from test_trainer import reference_sam_sgd, window_loss, windows_of
 from torch.func import grad
@@ -117,6 +118,16 @@ def test_learning_rate_zero_never_changes_the_weights(tmp_path):
     SAMTrainer(model=model, args=args, train_dataset=lm_dataset(8)).train()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_no_host_reads_in_the_step(tmp_path, host_reads):  # noqa: F811
+    """Nothing in the friendly step reads a value back from the device (a synchronisation on a GPU)."""
+    args = SAMTrainingArguments(
+        **base_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),
+        sam_method="friendly",
+    )
+    SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(n=8)).train()
+    assert host_reads == []
 
 
 # ---- resume -------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
+from test_no_host_sync import host_reads  # noqa: F401 (a fixture)
 from test_resume import run as resume_run
 from test_trainer import regression_dataset, window_loss, windows_of
 from torch import nn
@@ -209,6 +210,16 @@ def test_msam_needs_an_optimizer_with_momentum(tmp_path):
     build(model, optimizers=(torch.optim.Adam(model.parameters()), None))
     with pytest.raises(ValueError, match=r"`method='msam'` .* no `adaptive`"):
         SAMConfig(method="msam", adaptive=True)
+
+
+def test_no_host_reads_in_the_step(tmp_path, host_reads):  # noqa: F811
+    """Nothing in the msam step reads a value back from the device (a synchronisation on a GPU)."""
+    args = SAMTrainingArguments(
+        **base_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),
+        sam_method="msam",
+    )
+    SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(n=8)).train()
+    assert host_reads == []
 
 
 # ---- resume: MSAM keeps no state of its own; the momentum comes back with optimizer.pt -------------------------
