@@ -14,12 +14,14 @@ plugin to answer wins), while `post_trainer_create` sees whichever trainer Axolo
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, create_model, model_validator
 from transformers.utils import logging
 
+from ..config import SAMConfig
 from ..trainer import enable_sam
 from . import SAM_KEYS, check_sam_keys, sam_config_from_keys
 
@@ -28,26 +30,8 @@ logger = logging.get_logger(__name__)
 SOURCE = "the Axolotl config"
 
 
-class SAMAxolotlArgs(BaseModel):
-    """The `sam_*` keys of the Axolotl YAML; unset keys (`None`) keep `SAMConfig`'s defaults.
-
-    Numbers are typed so that YAML's `1e-3` (a string to YAML 1.1) is read as a number; the choices stay strings so
-    that `SAMConfig` names the valid values.
-    """
-
-    sam_rho: float | None = None
-    sam_adaptive: bool | None = None
-    sam_eta: float | None = None
-    sam_accumulation: str | None = None
-    sam_sync: str | None = None
-    sam_method: str | None = None
-    sam_looksam_interval: int | None = None
-    sam_looksam_alpha: float | None = None
-    sam_start_fraction: float | None = None
-    sam_interval: int | None = None
-    sam_ascent_fraction: float | None = None
-    sam_rho_schedule: str | None = None
-    sam_rho_min: float | None = None
+class _SAMKeysCheck(BaseModel):
+    """The checks of `SAMAxolotlArgs`; its fields are added from `SAMConfig` below."""
 
     @model_validator(mode="before")
     @classmethod
@@ -57,12 +41,27 @@ class SAMAxolotlArgs(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _valid_sam_config(self) -> SAMAxolotlArgs:
+    def _valid_sam_config(self) -> _SAMKeysCheck:
         sam_config_from_keys({k: getattr(self, k) for k in SAM_KEYS}, SOURCE)
         return self
 
 
-assert set(SAMAxolotlArgs.model_fields) == set(SAM_KEYS), "SAMAxolotlArgs must list every SAMConfig setting"
+def _field_type(default: Any) -> Any:
+    """The pydantic type of a setting, from its default: numbers and booleans typed, so that YAML's `1e-3` (a string
+    to YAML 1.1) is read as a number; choices stay strings, so that `SAMConfig` names the valid values."""
+    kind = type(default)
+    return (kind if kind in (bool, int, float, str) else Any) | None
+
+
+# One optional field per `SAMConfig` setting (`None`: unset, `SAMConfig`'s default), built from its fields so that a
+# new setting needs no change here.
+SAMAxolotlArgs = create_model(
+    "SAMAxolotlArgs",
+    __base__=_SAMKeysCheck,
+    __module__=__name__,
+    __doc__="The `sam_*` keys of the Axolotl YAML; unset keys keep `SAMConfig`'s defaults.",
+    **{f"sam_{f.name}": (_field_type(f.default), None) for f in fields(SAMConfig)},
+)
 
 
 class SAMPlugin(BasePlugin):
