@@ -88,8 +88,8 @@ def sam_card_section(config: SAMConfig) -> str:
     return (
         "## Sharpness-Aware Minimization\n\n"
         f"This model was trained with {sam_method_name(config)} through "
-        "[hf_sam](https://pypi.org/project/hf-sam/): the optimizer listed above stepped with the gradient at the "
-        "perturbed weights w + e (two forward-backward passes per step).\n\n"
+        "[hf_sam](https://pypi.org/project/hf-sam/): the optimizer listed above stepped with gradients taken at "
+        "perturbed weights, as the method's paper describes (cited below).\n\n"
         f"{rows}\n\n"
         "Cite:\n\n"
         f"```bibtex\n{citations}\n```\n"
