@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sam-late": {"sam_rho": 0.05, "sam_start_fraction": 0.85},
     "rho-lr": {"sam_rho": 0.05, "sam_rho_schedule": "lr"},
     "flat-lora": {"sam_rho": 0.05, "sam_method": "flat_lora", "cases": ["smollm2-lora", "tiny-lora"]},
+    "functional": {"sam_rho": 0.05, "sam_method": "functional"},
     "msam": {"sam_rho": 3.0, "sam_method": "msam"},
     "friendly": {"sam_rho": 0.05, "sam_method": "friendly"},
 }

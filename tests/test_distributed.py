@@ -121,6 +121,8 @@ def ddp_runs(tmp_path_factory):
         "local-micro",
         "local-exact-no-buffer-broadcast",
         "global-exact-random",
+        "functional-exact",
+        "functional-micro",
     ]
     load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
     return {
@@ -152,6 +154,16 @@ def test_ddp_global_sync_equals_the_single_process_run(ddp_runs, accumulation):
     assert update_error(got, want, ddp_runs["start"]) < 1e-5
     # and SAM did something: the update is not the plain one
     assert update_error(got, ddp_runs["single"]["plain"]["state"], ddp_runs["start"]) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", ["exact", "micro"])
+def test_ddp_functional_sam_equals_the_single_process_run(ddp_runs, accumulation):
+    # Functional-SAM's hooks on the logits: the normal backward all-reduces the gradient they shape.
+    name = f"functional-{accumulation}"
+    got, want = ddp_runs["ddp"][name][0]["state"], ddp_runs["single"][name]["state"]
+    assert update_error(got, want, ddp_runs["start"]) < 1e-5
+    assert update_error(got, ddp_runs["single"][f"global-{accumulation}"]["state"], ddp_runs["start"]) > 1e-3
 
 
 @pytest.mark.slow

@@ -92,6 +92,14 @@ def _generating_trainer():
     return type("SAMGRPOTrainer", (SAMMixin, trl.GRPOTrainer), {})(model=None, args=None)
 
 
+def _functional_without_logits(tmp_path):
+    model = tiny_llama()  # its forward now returns the loss only, as a loss fused into the forward
+    model.forward = lambda input_ids, labels=None, **kwargs: {
+        "loss": type(model).forward(model, input_ids=input_ids, labels=labels).loss
+    }
+    _trainer(tmp_path, model=model, args=_args(tmp_path, max_steps=1, sam_method="functional")).train()
+
+
 def _search_with_rho(tmp_path, rho):
     pytest.importorskip("optuna")
     trainer = SAMTrainer(
@@ -141,6 +149,8 @@ CONFIG_CASES = {
     "looksam-interval": dict(method="looksam", interval=2),
     "preconditioner-unknown": dict(preconditioner="shampoo"),
     "preconditioner-method": dict(preconditioner="adam", method="looksam"),
+    "functional-ascent-fraction": dict(method="functional", ascent_fraction=0.5),
+    "functional-grad-dtype-unknown": dict(functional_grad_dtype="float16"),
     "flat-lora-adaptive": dict(method="flat_lora", adaptive=True),
     "flat-lora-ascent-fraction": dict(method="flat_lora", ascent_fraction=0.5),
     "friendly-sigma-negative": dict(friendly_sigma=-1.0),
@@ -156,6 +166,7 @@ CASES = {
     "deepspeed": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 2}}),
     "fsdp1": lambda t, m: _fsdp_setup(1),
     "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
+    "fsdp-functional": lambda t, m: _fsdp_setup(2, method="functional"),
     "fsdp-looksam": lambda t, m: _fsdp_setup(2, method="looksam"),
     "fsdp-flat-lora": lambda t, m: _fsdp_setup(2, method="flat_lora"),
     "fsdp-friendly": lambda t, m: _fsdp_setup(2, method="friendly"),
@@ -163,6 +174,7 @@ CASES = {
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
     "preconditioner-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_preconditioner="adam")),
+    "functional-no-logits": lambda t, m: _functional_without_logits(t),
     "sam-config-type": lambda t, m: _trainer(t, args=TrainingArguments(**base_args(t)), sam_config={"rho": 0.1}),
     "flat-lora-no-lora": lambda t, m: _trainer(t, args=_args(t, sam_method="flat_lora")),
     "flat-lora-trainable-base": lambda t, m: _trainer(

@@ -33,6 +33,7 @@ REGISTRY = {  # sam_method: "module:Class" in this package
     "sam": "base:SAMVariant",
     "looksam": "looksam:LookSAM",
     "flat_lora": "flat_lora:FlatLoRA",
+    "functional": "functional:FunctionalSAM",
     "msam": "msam:MomentumSAM",
     "friendly": "friendly:FriendlySAM",
 }

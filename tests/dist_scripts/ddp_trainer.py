@@ -35,6 +35,9 @@ RUNS = {  # name: SAMTrainingArguments overrides; None for the plain Trainer
     "local-exact-no-buffer-broadcast": dict(sam_sync="local", sam_accumulation="exact", ddp_broadcast_buffers=False),
     # The Trainer's default (seeded) random sampler instead of the sequential one.
     "global-exact-random": dict(sam_sync="global", sam_accumulation="exact", train_sampling_strategy="random"),
+    # Functional-SAM: its hooks on the logits under DDP.
+    "functional-exact": dict(sam_method="functional", sam_accumulation="exact"),
+    "functional-micro": dict(sam_method="functional", sam_accumulation="micro"),
 }
 
 
