@@ -174,6 +174,25 @@ def test_bfloat16_storage_is_close_but_not_exact(tmp_path):
         assert_updates_close(start, runs["bfloat16"], runs["logits"], rtol=1e-5)
 
 
+def test_bf16_autocast(tmp_path):
+    """Accelerate's bf16 autocast returns a float32 copy of the bf16 logits; dL/dF is taken at the logits themselves
+    (without stepping back over the copy no gradient would reach the hook and the perturbed pass would raise)."""
+    data, runs = lm_dataset(8), {}
+    for precision in ({}, {"bf16": True}):
+        model = tiny_llama()
+        start = trainable_state(model)
+        args = SAMTrainingArguments(
+            **sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2, **precision),
+            sam_rho=0.1, sam_method="functional",
+        )  # fmt: skip
+        trainer = SAMTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        runs[bool(precision)] = trainable_state(model)
+    assert "forward" in model.__dict__  # Accelerate's autocast wrapper
+    assert trainer._sam_variant.peak_bytes == 4 * 12 * VOCAB * 2  # bf16 values
+    assert_updates_close(start, runs[True], runs[False], rtol=5e-2)  # bf16 rounding of the float32 run
+
+
 def test_with_adam_preconditioner(tmp_path):
     model = tiny_llama().double()
     reference = copy.deepcopy(model)
