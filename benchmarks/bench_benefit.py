@@ -262,48 +262,40 @@ class MiniLMTask(Task):
 class SmolLMTask(Task):
     def build(self, method, sam_kwargs, seed, noise, steps, quick):
         from transformers import set_seed
-        from trl import SFTTrainer
+        from trl import SFTTrainer, get_peft_config
 
         from hf_sam.trl import SAMSFTTrainer
 
+        common = _common()
         sft = _load_example("sft_lora")
         set_seed(seed)
-        n_eval = 20 if quick else self.hyper["n_eval"]
+        sam = [f"--{k}={v}" for k, v in (sam_kwargs or {}).items()]
         argv = [
-            "--output_dir", str(WORKDIR / "smollm"), "--max_steps", str(steps),
-            "--task_train_size", "2000", "--task_eval_size", str(n_eval), "--task_min_words", "3",
+            "--output_dir", str(WORKDIR / "smollm"), "--max_steps", str(steps), "--seed", str(seed),
+            "--data_seed", str(seed), "--learning_rate", "2e-3", "--lr_scheduler_type", "linear",
+            "--warmup_steps", str(max(1, steps // 10)), "--weight_decay", "0.0", "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "8", "--max_length", "64", "--logging_steps", str(max(1, steps // 10)),
+            "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+            "--dataloader_num_workers", "0", "--task_train_size", "2000",
+            "--task_eval_size", str(20 if quick else self.hyper["n_eval"]), "--task_min_words", "3",
             "--task_max_words", "3", "--label_noise", str(noise), "--system_prompt", "Be brief.",
-            "--max_new_tokens", "12", "--lora_r", "8", "--lora_alpha", "16", "--lora_last_layers", "8",
-            "--max_length", "64", "--use_cpu", "true",
+            "--max_new_tokens", "12", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",
+            "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+            "--lora_last_layers", "8", *sam,
         ]  # fmt: skip
-        model_args, data_args, lora_args, _, _ = sft.parse_args(argv)
-        args = _training_args(
-            WORKDIR / "smollm",
-            seed,
-            steps,
-            sam_kwargs,
-            config_cls=sft.SFTLoraConfig,
-            learning_rate=2e-3,
-            per_device_train_batch_size=8,
-            per_device_eval_batch_size=8,
-            max_length=64,
-        )
-        data = sft.load_data(data_args, seed)
-        path = sft.resolve_model_path(model_args)
-        tokenizer = sft.load_tokenizer(path)
-        model = sft.load_model(path, model_args)
-        peft_config = sft.lora_config(lora_args, model.config.num_hidden_layers)
+        _, args, model_args, _, example_args = sft.make_parser().parse_args_and_config(args=argv)
+        from hf_sam.embedded import smollm2_path
+
+        path = smollm2_path()
+        data = common.reverse_task_conversations(example_args, seed)
+        peft_config = common.restrict_lora_layers(get_peft_config(model_args), path, example_args.lora_last_layers)
+        args.model_init_kwargs = {"dtype": "float32"}
         trainer = (SFTTrainer if sam_kwargs is None else SAMSFTTrainer)(
-            model=model,
-            args=args,
-            train_dataset=sft.to_conversational(data["train"], data_args.system_prompt),
-            processing_class=tokenizer,
-            peft_config=peft_config,
+            model=path, args=args, train_dataset=data["train"], peft_config=peft_config
         )
-        held_out = data["validation"]
 
         def accuracy(m):
-            return sft.evaluate_held_out(m, tokenizer, held_out, data_args, progress=False)[0]
+            return common.held_out_exact_match(m, trainer.processing_class, data["test"], example_args, False)[0]
 
         measure = _batches(trainer, trainer.train_dataset, 2 if quick else 4)
         return TaskRun(trainer, accuracy, measure, lora=True)
