@@ -75,20 +75,29 @@ class AllReduceCounter:
         return counting_allreduce_hook
 
 
+class PassLog:
+    """Per pass: the gradient all-reduce rounds and the buffer broadcasts it triggered."""
+
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+        self.broadcasts: list[int] = []
+
+
 class PassRecorder(Trainer):
     """Sits between `SAMMixin` and `Trainer`: every SAM pass goes through here; records its all-reduce rounds."""
 
     def __init__(self, *args, counter: AllReduceCounter, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.counter = counter
-        self.rounds_per_pass: list[int] = []
-        self.broadcasts_per_pass: list[int] = []
+        # Kept in an object, not in plain list attributes: SAMMixin puts a trainer's plain-data attributes back
+        # after the perturbed pass (a subclass's bookkeeping is the clean pass's), which would drop its records.
+        self.passes = PassLog()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rounds, broadcasts = self.counter.rounds, BROADCASTS.calls
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.rounds_per_pass.append(self.counter.rounds - rounds)
-        self.broadcasts_per_pass.append(BROADCASTS.calls - broadcasts)
+        self.passes.rounds.append(self.counter.rounds - rounds)
+        self.passes.broadcasts.append(BROADCASTS.calls - broadcasts)
         return loss
 
 
@@ -150,8 +159,8 @@ def run(name: str, out: Path, world_size: int, global_batch: int, accumulation_s
     torch.save(
         {
             "state": state,
-            "rounds_per_pass": trainer.rounds_per_pass,
-            "broadcasts_per_pass": trainer.broadcasts_per_pass,
+            "rounds_per_pass": trainer.passes.rounds,
+            "broadcasts_per_pass": trainer.passes.broadcasts,
             "world_size": world_size,
         },
         out / f"{name}.rank{rank}.pt",
