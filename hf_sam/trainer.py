@@ -22,10 +22,16 @@ One optimizer step with gradient accumulation k:
   states and buffers its clean pass started from), then w, the buffers and the trainer's bookkeeping are restored.
 - `accumulation="micro"`: each micro-batch runs clean pass, perturbation, perturbed pass, restore; the gradient
   accumulated so far is set aside during its clean pass and never wiped.
+
+Under DeepSpeed ZeRO-1/2 (`deepspeed_support.DeepSpeedSAM`, set up at the start of each run) the clean pass runs on
+the engine's module outside the engine, its gradient is all-reduced into `.grad` by SAM, the perturbed pass sets the
+engine's accumulation boundary itself, and the engine's step (which Accelerate's backward would run at the boundary)
+comes after the restore.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -37,6 +43,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from .config import SAMArguments, SAMConfig
+from .deepspeed_support import DeepSpeedSAM, deepspeed_sam_for
 from .distributed import defers_unsynchronised_gradients, gradient_sync, unsupported_setup_reason
 from .listing import ModelListing
 from .metrics import SAMMetrics
@@ -77,8 +84,8 @@ class SAMMixin:
         **kwargs: Passed to the Trainer.
 
     Raises:
-        `ValueError`: when SAM cannot run with this setup (DeepSpeed, an optimizer that steps inside `backward`, a
-            trainer that generates inside `training_step`, a variant's own refusals).
+        `ValueError`: when SAM cannot run with this setup (DeepSpeed outside ZeRO-1/2, FSDP1, an optimizer that steps
+            inside `backward`, a trainer that generates inside `training_step`, a variant's own refusals).
     """
 
     def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
@@ -105,6 +112,7 @@ class SAMMixin:
         self._sam_metrics = SAMMetrics()
         self._sam_in_perturbed_pass = False  # True while the second pass runs the parent's `training_step` at w + e
         self._sam_run_state: Any = None  # the `TrainerState` of the run SAM last saw: a new one is a new run
+        self._sam_deepspeed: DeepSpeedSAM | None = None  # DeepSpeed ZeRO-1/2: SAM's passes on the engine
         self._sam_reset_window()
 
     def _sam_refresh_config(self) -> None:
@@ -137,6 +145,8 @@ class SAMMixin:
         self._sam_metrics.reset()
         self._sam_listing.clear()  # the Trainer may have wrapped or replaced the model
         self._sam_run_state = self.state
+        # DeepSpeed: `train()` has just built the engine; it is checked here, before any weight changes.
+        self._sam_deepspeed = deepspeed_sam_for(self) if getattr(self, "is_deepspeed_enabled", False) else None
 
     def _sam_parent_training_step(self, model, inputs, num_items_in_batch):
         """One forward-backward pass, the Trainer's own: what each of SAM's passes runs."""
@@ -176,6 +186,8 @@ class SAMMixin:
         self._sam_window_step = -1
         self._sam_micro_index = -1
         self._sam_plan = _StepPlan("plain")
+        if self._sam_deepspeed is not None:
+            self._sam_deepspeed.reset()
 
     def _sam_plan_step(self) -> _StepPlan:
         cfg, step = self.sam_config, self.state.global_step
@@ -194,14 +206,23 @@ class SAMMixin:
     def _sam_exact_step(self, model, inputs, num_items_in_batch, plan: _StepPlan):
         self._sam_stash.append((inputs, capture_rng_state(), save_buffers(self._sam_listing.buffer_owners(model))))
         last = self.accelerator.sync_gradients
-        # Micro-batches before the last are already inside the Trainer's `no_sync`.
-        with gradient_sync(model, enabled=last and self.sam_config.sync == "global"):
-            clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
+        ds = self._sam_deepspeed
+        if ds is not None:  # DeepSpeed: the clean pass outside the engine, its gradient in SAM's buffer
+            with ds.first_pass(self._sam_listing(model)):
+                clean_loss = self._sam_first_pass(ds.module, inputs, num_items_in_batch)
+        else:
+            # Micro-batches before the last are already inside the Trainer's `no_sync`.
+            with gradient_sync(model, enabled=last and self.sam_config.sync == "global"):
+                clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
         self._sam_metrics.step_clean = self._sam_metrics.step_clean + clean_loss
         if not last:
             return clean_loss
         stash, self._sam_stash = self._sam_stash, []
+        if ds is not None:  # the window's gradient into `.grad`, all-reduced with "global"
+            ds.load_gradient(all_reduce=self.sam_config.sync == "global")
         self._sam_second_pass(model, stash, num_items_in_batch, plan, accumulated_grads=None)
+        if ds is not None:
+            ds.step()  # DeepSpeed: the engine's step, deferred past the restore
         self._sam_metrics.end_step(self.args.logging_nan_inf_filter)
         return clean_loss
 
@@ -211,9 +232,15 @@ class SAMMixin:
         for p in trainable:
             p.grad = None
         rng, buffers = capture_rng_state(), save_buffers(self._sam_listing.buffer_owners(model))
+        ds = self._sam_deepspeed
         try:
-            with gradient_sync(model, enabled=self.sam_config.sync == "global"):
-                clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
+            if ds is not None:  # DeepSpeed: the clean pass outside the engine, then its gradient into `.grad`
+                with ds.first_pass(trainable):
+                    clean_loss = self._sam_first_pass(ds.module, inputs, num_items_in_batch)
+                ds.load_gradient(all_reduce=self.sam_config.sync == "global")
+            else:
+                with gradient_sync(model, enabled=self.sam_config.sync == "global"):
+                    clean_loss = self._sam_first_pass(model, inputs, num_items_in_batch)
         except BaseException:
             for p, g in zip(trainable, accumulated):
                 p.grad = g
@@ -221,6 +248,8 @@ class SAMMixin:
         self._sam_metrics.step_clean = self._sam_metrics.step_clean + clean_loss
         self._sam_second_pass(model, [(inputs, rng, buffers)], num_items_in_batch, plan, (trainable, accumulated))
         if self.accelerator.sync_gradients:
+            if ds is not None:
+                ds.step()  # DeepSpeed: the engine's step, deferred past the restore
             self._sam_metrics.end_step(self.args.logging_nan_inf_filter)
         return clean_loss
 
@@ -265,15 +294,23 @@ class SAMMixin:
             # statistics) and the Trainer subclass's own bookkeeping (TRL's token counts and metrics).
             saved = save_buffers(self._sam_listing.buffer_owners(model)), snapshot_bookkeeping(self)
             self._sam_in_perturbed_pass = perturbed = True
-            for i, (micro_inputs, rng, buffers) in enumerate(stash):
-                restore_rng_state(rng)  # same dropout masks as the clean pass
-                restore_buffers(buffers)  # same running statistics as the clean pass
-                with gradient_sync(model, enabled=last and i == len(stash) - 1):
-                    perturbed_loss = super().training_step(model, micro_inputs, num_items_in_batch)
-                self._sam_metrics.step_perturbed = self._sam_metrics.step_perturbed + perturbed_loss
+            # DeepSpeed: the engine's accumulation boundary stands for the synchronisation, and its step is deferred.
+            ds = self._sam_deepspeed
+            sync = gradient_sync if ds is None else ds.accumulation_boundary
+            with contextlib.nullcontext() if ds is None else ds.deferred_step():
+                for i, (micro_inputs, rng, buffers) in enumerate(stash):
+                    restore_rng_state(rng)  # same dropout masks as the clean pass
+                    restore_buffers(buffers)  # same running statistics as the clean pass
+                    with sync(model, enabled=last and i == len(stash) - 1):
+                        perturbed_loss = super().training_step(model, micro_inputs, num_items_in_batch)
+                    self._sam_metrics.step_perturbed = self._sam_metrics.step_perturbed + perturbed_loss
             # The RNG now stands where one full pass over the micro-batches leaves it: as if SAM were off.
         except BaseException:
-            model.zero_grad(set_to_none=True)  # a half-accumulated SAM gradient must not reach the optimizer
+            # A half-accumulated SAM gradient must not reach the optimizer.
+            if self._sam_deepspeed is not None:
+                self._sam_deepspeed.discard_gradients()
+            else:
+                model.zero_grad(set_to_none=True)
             restore_rng_state(after_first_pass)
             raise
         finally:

@@ -23,7 +23,7 @@ from transformers import TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 from hf_sam.distributed import (
-    DEEPSPEED_UNSUPPORTED,
+    DEEPSPEED_STAGE_UNSUPPORTED,
     FSDP1_UNSUPPORTED,
     FSDP_LOCAL_UNSUPPORTED,
     unsupported_setup_reason,
@@ -316,14 +316,16 @@ def test_fsdp_refusals_through_the_trainer(fsdp2_trainer_runs):
 # Refusals at construction.
 
 
-def fake_trainer(fsdp_version=None, deepspeed=False, sync="global", accumulation="exact", accumulation_steps=1):
-    """The attributes `unsupported_setup_reason` reads (Accelerate cannot shard with FSDP on CPU)."""
+def fake_trainer(fsdp_version=None, deepspeed=None, sync="global", accumulation="exact", accumulation_steps=1):
+    """The attributes `unsupported_setup_reason` reads (Accelerate cannot shard with FSDP on CPU); `deepspeed`: the
+    DeepSpeed config of Accelerate's plugin (tests/test_deepspeed.py checks DeepSpeed in full)."""
     plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    ds_plugin = None if deepspeed is None else SimpleNamespace(deepspeed_config=deepspeed)
     return SimpleNamespace(
-        is_deepspeed_enabled=deepspeed,
-        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        is_deepspeed_enabled=deepspeed is not None,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=ds_plugin)),
         sam_config=SAMConfig(sync=sync, accumulation=accumulation),
-        args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps),
+        args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps, fp16=False),
     )
 
 
@@ -332,7 +334,8 @@ def fake_trainer(fsdp_version=None, deepspeed=False, sync="global", accumulation
     [
         (dict(), None),
         (dict(sync="local", accumulation="micro", accumulation_steps=4), None),  # DDP or one device: anything
-        (dict(deepspeed=True), DEEPSPEED_UNSUPPORTED),
+        (dict(deepspeed={"zero_optimization": {"stage": 2}}), None),  # ZeRO-1/2 are supported
+        (dict(deepspeed={"zero_optimization": {"stage": 3}}), DEEPSPEED_STAGE_UNSUPPORTED[3]),
         (dict(fsdp_version=1), FSDP1_UNSUPPORTED),
         (dict(fsdp_version=2), None),
         (dict(fsdp_version=2, accumulation_steps=4), None),
@@ -346,9 +349,8 @@ def test_unsupported_setup_reason(setup, reason):
 
 
 def test_refusals_say_what_is_supported():
-    for message in (DEEPSPEED_UNSUPPORTED, FSDP1_UNSUPPORTED):
-        assert "Supported: single device, DDP and FSDP2" in message
-    assert "engine.step()" in DEEPSPEED_UNSUPPORTED and "ZeRO-3" in DEEPSPEED_UNSUPPORTED
+    assert "Supported: single device, DDP and FSDP2" in FSDP1_UNSUPPORTED
+    assert "ZeRO-3" in DEEPSPEED_STAGE_UNSUPPORTED[3] and "Supported with DeepSpeed" in DEEPSPEED_STAGE_UNSUPPORTED[3]
     assert "sam_sync='global'" in FSDP_LOCAL_UNSUPPORTED
 
 
@@ -367,7 +369,7 @@ def deepspeed_sandbox():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 3])  # 1 and 2 are supported (tests/test_deepspeed.py)
 def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, deepspeed_sandbox, stage):
     # Plain TrainingArguments (no sam_* fields, so no check there): the mixin refuses before any training.
     config = {
@@ -380,7 +382,7 @@ def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, deepspeed_sand
         SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), sam_config=SAMConfig())
 
 
-@pytest.mark.parametrize("stage", ["2", "3"])
+@pytest.mark.parametrize("stage", ["3"])
 def test_deepspeed_from_an_accelerate_config_is_refused(tmp_path, monkeypatch, deepspeed_sandbox, stage):
     # `accelerate launch` with a DeepSpeed config sets these variables; `SAMTrainingArguments` sees no `deepspeed`.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

@@ -20,7 +20,7 @@ from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
 from hf_sam import SAMConfig, SAMMixin, SAMTrainer, SAMTrainingArguments, enable_sam
-from hf_sam.distributed import unsupported_setup_reason
+from hf_sam.distributed import deepspeed_engine_reason, unsupported_setup_reason
 from hf_sam.perturbation import global_norm
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
@@ -72,6 +72,22 @@ def _fsdp_setup(version, accumulation="exact", sync="global", accumulation_steps
         args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps),
     )
     reason = unsupported_setup_reason(trainer)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _deepspeed_engine_setup(**answers):
+    # The check at the first step of a DeepSpeed run, fed with an engine's answers (a real pipeline engine needs a
+    # `PipelineModule`; tests/test_deepspeed.py runs ZeRO-1/2 engines and the config refusals for real).
+    values = dict(stage=2, fp16=False, pipeline_parallelism=False, **answers)
+    engine = SimpleNamespace(
+        zero_optimization_stage=lambda: values["stage"],
+        zero_offload_optimizer=lambda: None,
+        zero_offload_param=lambda: None,
+        fp16_enabled=lambda: values["fp16"],
+        pipeline_parallelism=values["pipeline_parallelism"],
+    )
+    reason = deepspeed_engine_reason(engine)
     if reason is not None:
         raise ValueError(reason)
 
@@ -163,7 +179,17 @@ CONFIG_CASES = {
 CASES = {
     **{case_id: (lambda t, m, kw=kw: SAMConfig(**kw)) for case_id, kw in CONFIG_CASES.items()},
     # Arguments and trainer construction
-    "deepspeed": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 2}}),
+    "deepspeed-zero3": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 3}}),
+    "deepspeed-zero0": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 0}}),
+    "deepspeed-offload": lambda t, m: _args(
+        t, deepspeed={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    ),
+    "deepspeed-fp16": lambda t, m: _args(t, deepspeed={"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}),
+    "deepspeed-method": lambda t, m: _args(t, sam_method="looksam", deepspeed={"zero_optimization": {"stage": 2}}),
+    "deepspeed-preconditioner": lambda t, m: _args(
+        t, sam_preconditioner="adam", deepspeed={"zero_optimization": {"stage": 2}}
+    ),
+    "deepspeed-pipeline": lambda t, m: _deepspeed_engine_setup(pipeline_parallelism=True),
     "fsdp1": lambda t, m: _fsdp_setup(1),
     "fsdp-local": lambda t, m: _fsdp_setup(2, sync="local"),
     "fsdp-functional": lambda t, m: _fsdp_setup(2, method="functional"),
