@@ -230,7 +230,12 @@ def deepspeed_config_reason(config: dict, sam_config: Any, fp16: bool = False) -
 
 def deepspeed_engine_reason(engine: Any) -> str | None:
     """Why SAM refuses this prepared `DeepSpeedEngine`, or `None`: checked at the first step of every run, since an
-    engine can differ from its config (a `PipelineModule`, MoE layers, a client optimizer, process groups)."""
+    engine can differ from its config (a `PipelineModule`, MoE layers, a client optimizer, process groups).
+
+    Besides public engine methods it reads the engine's undocumented attributes `pipeline_parallelism`,
+    `has_moe_layers`, `dp_world_size` and `zenflow` (DeepSpeed 0.19.8; docs/concepts.md lists them), and requires the
+    optimizer wrapper SAM was tested with, `DeepSpeedZeroOptimizer`, whatever those attributes say.
+    """
     stage = engine.zero_optimization_stage()
     if stage not in (1, 2):
         return DEEPSPEED_STAGE_UNSUPPORTED.get(stage, DEEPSPEED_STAGE_UNSUPPORTED[3])
