@@ -70,6 +70,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "functional": {"sam_rho": 0.05, "sam_method": "functional"},
     "msam": {"sam_rho": 3.0, "sam_method": "msam"},
     "friendly": {"sam_rho": 0.05, "sam_method": "friendly"},
+    "sam-adam-preconditioned": {"sam_rho": 0.05, "sam_preconditioner": "adam"},
 }
 DEFAULT_VARIANTS = ("sam",)
 
