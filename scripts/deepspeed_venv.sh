@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the venv that tests/test_deepspeed.py's slow tests launch DeepSpeed in (CPU, gloo), outside the repo: the
 # main .venv has no DeepSpeed (hf_sam must import and work without it). Usage:
-#   scripts/deepspeed_venv.sh [VENV]       (default: $HF_SAM_DEEPSPEED_VENV, else /work/venvs/deepspeed)
+#   scripts/deepspeed_venv.sh [VENV]       (default: $HF_SAM_DEEPSPEED_VENV, else `deepspeed` beside the framework
+#                                           venvs: $HF_SAM_VENVS, $HF_SAM_CACHE/venvs or ~/.cache/hf_sam/venvs)
 # Pinned and in this order: CPU torch first (an unpinned torch pulls a multi-GB CUDA build, and deepspeed's sdist
 # builds against the torch it finds), then deepspeed with torch held at its pin, then hf_sam from this checkout,
 # editable, with its dependencies (transformers, accelerate). The tests find the venv through HF_SAM_DEEPSPEED_PYTHON
@@ -10,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
-VENV="${1:-${HF_SAM_DEEPSPEED_VENV:-/work/venvs/deepspeed}}"
+VENVS="${HF_SAM_VENVS:-${HF_SAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hf_sam}/venvs}"
+VENV="${1:-${HF_SAM_DEEPSPEED_VENV:-$VENVS/deepspeed}}"
 PYTHON="${PYTHON:-python3}"
 TORCH="torch==2.13.0"
 DEEPSPEED="deepspeed==0.19.8"

@@ -3,7 +3,8 @@
 The fast tests run in the main venv, without DeepSpeed: the config and engine checks, the refusal at argument time,
 and the Accelerate example config. The slow ones launch `tests/dist_scripts/deepspeed_trainer.py` on two CPU processes
 (gloo) with the python of a venv that has DeepSpeed (`scripts/deepspeed_venv.sh`): `HF_SAM_DEEPSPEED_PYTHON`, else
-`$HF_SAM_DEEPSPEED_VENV/bin/python`, else `/work/venvs/deepspeed/bin/python`; they skip without one. Four launches
+`$HF_SAM_DEEPSPEED_VENV/bin/python`, else the `deepspeed` venv beside the framework venvs; they skip without one.
+Four launches
 (`torchrun` with `TrainingArguments(deepspeed=...)` for ZeRO 1, 2 and 2 with overlapped bucketed reductions, and
 the refusals; `torchrun` with DDP for `sam_sync="local"`; `accelerate launch` with
 `examples/accelerate/deepspeed_zero2.yaml`; the one-process reference without DeepSpeed).
@@ -214,7 +215,13 @@ def deepspeed_python() -> str | None:
     candidates = [os.environ.get("HF_SAM_DEEPSPEED_PYTHON")]
     if os.environ.get("HF_SAM_DEEPSPEED_VENV"):
         candidates.append(os.path.join(os.environ["HF_SAM_DEEPSPEED_VENV"], "bin", "python"))
-    candidates.append("/work/venvs/deepspeed/bin/python")
+    # Where scripts/deepspeed_venv.sh puts it by default: beside the framework venvs (scripts/framework_venvs.sh).
+    venvs = os.environ.get("HF_SAM_VENVS") or os.path.join(
+        os.environ.get("HF_SAM_CACHE")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hf_sam"),
+        "venvs",
+    )
+    candidates.append(os.path.join(venvs, "deepspeed", "bin", "python"))
     for python in filter(None, candidates):
         if os.access(python, os.X_OK):
             return python
@@ -259,7 +266,7 @@ def ds(tmp_path_factory):
     if python is None:
         pytest.skip(
             "no venv with DeepSpeed: create one with scripts/deepspeed_venv.sh and point HF_SAM_DEEPSPEED_PYTHON at "
-            "its python (default /work/venvs/deepspeed/bin/python)"
+            "its python (default: ~/.cache/hf_sam/venvs/deepspeed/bin/python)"
         )
     out = tmp_path_factory.mktemp("deepspeed")
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
