@@ -670,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
+    results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
     rows = summarize(records)
     info["wall_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
