@@ -169,10 +169,10 @@ CONFIG_CASES = {
     "functional-grad-dtype-unknown": dict(functional_grad_dtype="float16"),
     "flat-lora-adaptive": dict(method="flat_lora", adaptive=True),
     "flat-lora-ascent-fraction": dict(method="flat_lora", ascent_fraction=0.5),
-    "friendly-sigma-negative": dict(friendly_sigma=-1.0),
-    "friendly-lambda-one": dict(friendly_lambda=1.0),
     "msam-adaptive": dict(method="msam", adaptive=True),
     "msam-ascent-fraction": dict(method="msam", ascent_fraction=0.5),
+    "friendly-sigma-negative": dict(friendly_sigma=-1.0),
+    "friendly-lambda-one": dict(friendly_lambda=1.0),
 }
 
 # Every row: id -> code that builds its setting (tmp_path, monkeypatch).
@@ -195,8 +195,8 @@ CASES = {
     "fsdp-functional": lambda t, m: _fsdp_setup(2, method="functional"),
     "fsdp-looksam": lambda t, m: _fsdp_setup(2, method="looksam"),
     "fsdp-flat-lora": lambda t, m: _fsdp_setup(2, method="flat_lora"),
-    "fsdp-friendly": lambda t, m: _fsdp_setup(2, method="friendly"),
     "fsdp-msam": lambda t, m: _fsdp_setup(2, method="msam"),
+    "fsdp-friendly": lambda t, m: _fsdp_setup(2, method="friendly"),
     "optim-lomo": lambda t, m: _trainer(t, args=_args(t, optim="lomo")),
     "optim-adalomo": lambda t, m: _trainer(t, args=_args(t, optim="adalomo")),
     "preconditioner-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_preconditioner="adam")),
@@ -212,8 +212,8 @@ CASES = {
     "flat-lora-no-peft": lambda t, m: _without_module(
         m, "peft.tuners.lora", lambda: _trainer(t, args=_args(t, sam_method="flat_lora"))
     ),
-    "friendly-fp16": lambda t, m: _friendly_fp16(t),
     "msam-optimizer": lambda t, m: _trainer(t, args=_args(t, optim="sgd", sam_method="msam")),
+    "friendly-fp16": lambda t, m: _friendly_fp16(t),
     "trl-missing": lambda t, m: _import_hf_sam_trl(m),
     "generating-trainer": lambda t, m: _generating_trainer(),
     "enable-sam-twice": lambda t, m: enable_sam(_trainer(t)),
