@@ -64,6 +64,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "looksam": {"sam_method": "looksam"},
     "late_sam": {"sam_start_fraction": 0.85},
     "flat_lora": {"sam_method": "flat_lora", "sam_rho": 0.05, "lora_only": True},
+    # the language-model variants (not yet run for docs/benefit.md)
+    "functional": {"sam_method": "functional"},
+    "preconditioned": {"sam_preconditioner": "adam"},
+    "functional_preconditioned": {"sam_method": "functional", "sam_preconditioner": "adam"},
+    "msam": {"sam_method": "msam"},
+    "friendly": {"sam_method": "friendly"},
 }
 BASELINE = "adamw"
 WORKDIR = Path("outputs/benefit/runs")  # trainers' output_dir (nothing is saved there: save_strategy "no")
