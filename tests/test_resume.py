@@ -33,8 +33,10 @@ def run(out_dir: Path, max_steps: int, resume: str | None, sam: dict) -> dict[st
         {"sam_rho": 0.05, "sam_accumulation": "micro", "sam_adaptive": True},
         # Steps 4-5 reuse the LookSAM cache computed at step 3: the resumed run must load it from sam_state.pt.
         {"sam_method": "looksam", "sam_looksam_interval": 3},
+        # The resumed run's first step preconditions with the second moment loaded from optimizer.pt.
+        {"sam_rho": 0.05, "sam_preconditioner": "adam"},
     ],
-    ids=["sam", "asam-micro", "looksam"],
+    ids=["sam", "asam-micro", "looksam", "adam-preconditioned"],
 )
 def test_resume_is_bit_identical(tmp_path, sam):
     full = run(tmp_path / "full", 6, None, sam)
