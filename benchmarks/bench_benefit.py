@@ -506,8 +506,8 @@ def format_table(rows: list[dict]) -> str:
         noise_keys = [k for k in group[0] if k.startswith("noise_")]
         head = (
             "| method | seeds | held-out acc. (sd) | Δ vs AdamW [95% CI] | λ_max | SAM sharpness | "
-            + " | ".join(f"acc. σ={k[6:]}" for k in noise_keys)
-            + " | acc. int8 | acc. 4-bit | Δ 4-bit vs AdamW [95% CI] | × AdamW step |"
+            + "".join(f"acc. σ={k[6:]} | " for k in noise_keys)
+            + "acc. int8 | acc. 4-bit | Δ 4-bit vs AdamW [95% CI] | × AdamW step |"
         )
         out += [f"\n**{task}, label noise {noise:g}**\n", head, "|" + "---|" * head.count(" | ") + "---|"]
         for r in group:
