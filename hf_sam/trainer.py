@@ -89,21 +89,14 @@ class SAMMixin:
     """
 
     def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
-        if sam_config is not None and not isinstance(sam_config, SAMConfig):
-            raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
-        refusal = _generating_trainer_reason(type(self))
-        if refusal is not None:  # before the parent's constructor: it may load models or start a generation server
-            raise ValueError(refusal)
+        # Before the parent's constructor: it may load models or start a generation server.
+        _check_before_setup(type(self), sam_config)
         super().__init__(*args, **kwargs)
         self._sam_setup(sam_config)
 
     def _sam_setup(self, sam_config: SAMConfig | None) -> None:
-        """Everything SAM adds to a constructed Trainer; `enable_sam` calls it on a Trainer built elsewhere."""
-        if sam_config is not None and not isinstance(sam_config, SAMConfig):
-            raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
-        refusal = _generating_trainer_reason(type(self))
-        if refusal is not None:
-            raise ValueError(refusal)
+        """Everything SAM adds to a constructed Trainer; `enable_sam` calls it on a Trainer built elsewhere (both
+        have run `_check_before_setup`)."""
         self._sam_explicit_config = sam_config
         self._sam_variant: SAMVariant | None = None
         self._sam_refresh_config()
@@ -407,6 +400,15 @@ def _generating_trainer_reason(cls: type) -> str | None:
     return None
 
 
+def _check_before_setup(cls: type, sam_config: Any) -> None:
+    """What can be refused before a SAM trainer is set up: the type of `sam_config`, a generating trainer class."""
+    if sam_config is not None and not isinstance(sam_config, SAMConfig):
+        raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
+    refusal = _generating_trainer_reason(cls)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
 _SAM_CLASSES: dict[type, type] = {}
 
 
@@ -428,9 +430,7 @@ def enable_sam(trainer: Trainer, sam_config: SAMConfig | None = None) -> Trainer
     Raises:
         `ValueError`: as `SAMMixin` does (an unsupported setup or trainer), or when `trainer` already has SAM.
     """
-    refusal = _generating_trainer_reason(type(trainer))
-    if refusal is not None:
-        raise ValueError(refusal)
+    _check_before_setup(type(trainer), sam_config)
     if isinstance(trainer, SAMMixin):
         raise ValueError(f"`{type(trainer).__name__}` already trains with SAM; `enable_sam` takes a plain Trainer.")
     if not isinstance(trainer, Trainer):
