@@ -53,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the examples' shared helpers: examples/_common.py, examples/embedded/
 
 # A method is a name and its `sam_*` arguments; `None` is the AdamW baseline (the plain Trainer). "rho_scale"
 # multiplies the task's rho (ASAM's ball is in relative units, so larger), "lora_only" marks methods that need
@@ -116,8 +117,6 @@ def _load_example(name: str) -> Any:
 
 
 def _common() -> Any:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
     import _common
 
     return _common
@@ -219,6 +218,7 @@ def _stack_collate(examples):
 
 class MiniLMTask(Task):
     def build(self, method, sam_kwargs, seed, noise, steps, quick):
+        from embedded import make_classification_task, minilm_path
         from transformers import (
             AutoModelForSequenceClassification,
             AutoTokenizer,
@@ -228,7 +228,6 @@ class MiniLMTask(Task):
         )
 
         from hf_sam import SAMTrainer
-        from hf_sam.embedded import make_classification_task, minilm_path
 
         set_seed(seed)
         n_train = self.hyper["n_train"]
@@ -290,7 +289,7 @@ class SmolLMTask(Task):
             "--lora_last_layers", "8", *sam,
         ]  # fmt: skip
         _, args, model_args, _, example_args = sft.make_parser().parse_args_and_config(args=argv)
-        from hf_sam.embedded import smollm2_path
+        from embedded import smollm2_path
 
         path = smollm2_path()
         data = common.reverse_task_conversations(example_args, seed)

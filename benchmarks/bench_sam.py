@@ -128,7 +128,8 @@ def _with_lora(model):
 
 def smollm2_checkpoint() -> Path:
     """The plain float32 checkpoint of the embedded SmolLM2-135M (converted from its GGUF file on first use)."""
-    from hf_sam.embedded.models import smollm2_path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # examples/embedded/
+    from embedded.models import smollm2_path
 
     return Path(smollm2_path())
 

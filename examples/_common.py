@@ -210,7 +210,7 @@ class SFTExampleArguments:
 
 def reverse_task_conversations(args: SFTExampleArguments, seed: int) -> Any:
     """The embedded word-reversal task as conversational prompt/completion pairs: `train` and `test` (unseen words)."""
-    from hf_sam.embedded import make_reverse_task
+    from embedded import make_reverse_task
 
     raw = make_reverse_task(
         n_train=args.task_train_size,
@@ -303,8 +303,7 @@ def held_out_exact_match(
 ) -> tuple[float, list[dict[str, str]]]:
     """Exact match of greedy answers against the completions (the shipped `evaluate` script), and the records."""
     import evaluate
-
-    from hf_sam.embedded import metric_path
+    from embedded import metric_path
 
     answers = generate_answers(
         model, tokenizer, ds["prompt"], args.max_new_tokens, args.generation_batch_size, progress
@@ -353,9 +352,8 @@ def predict_sft(args: SFTExampleArguments, model_args: Any, output_dir: str, tes
         raise ValueError(f"`predict_from` (`--predict_from`) must be a directory of a saved run, got {source}.")
     tokenizer = AutoTokenizer.from_pretrained(source)
     if (source / "adapter_config.json").is_file():
+        from embedded import smollm2_path
         from peft import PeftModel
-
-        from hf_sam.embedded import smollm2_path
 
         base = (
             model_args.model_name_or_path

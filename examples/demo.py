@@ -195,9 +195,8 @@ def lm_part(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Base model, LoRA + AdamW and LoRA + SAM on the noisy word-reversal task, through `sft_lora.py`."""
     sft = load_module(HERE / "sft_lora.py", "hf_sam_example_sft_lora")
     from _common import held_out_exact_match, reverse_task_conversations
+    from embedded import smollm2_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_sam.embedded import smollm2_path
 
     print("== base model: held-out exact match before fine-tuning", flush=True)
     _, training_args, _, _, example_args = sft.make_parser().parse_args_and_config(

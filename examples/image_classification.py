@@ -39,10 +39,10 @@ from transformers import (
 )
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
-from hf_sam.embedded import metric_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, examples/embedded/
 from _common import digits_dataset, final_train_metrics, tiny_image_config, write_json  # noqa: E402
+from embedded import metric_path  # noqa: E402
 
 
 @dataclass

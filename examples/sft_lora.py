@@ -56,10 +56,10 @@ def main(script_args, training_args, model_args, dataset_args, example_args):
     import transformers
     from accelerate.logging import get_logger
     from datasets import load_dataset
+    from embedded import smollm2_path
     from packaging.version import Version
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
 
-    from hf_sam.embedded import smollm2_path
     from hf_sam.trl import SAMSFTTrainer
 
     logger = get_logger(__name__)

@@ -38,9 +38,8 @@ from transformers import (
 )
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
-from hf_sam.embedded import make_classification_task, metric_path, minilm_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, examples/embedded/
 from _common import (  # noqa: E402
     classify_texts,
     final_train_metrics,
@@ -48,6 +47,7 @@ from _common import (  # noqa: E402
     write_json,
     write_predictions,
 )
+from embedded import make_classification_task, metric_path, minilm_path  # noqa: E402
 
 
 @dataclass

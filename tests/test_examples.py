@@ -16,12 +16,12 @@ from pathlib import Path
 import evaluate
 import pytest
 
-from hf_sam.embedded import make_classification_task, make_reverse_task, metric_path
-from hf_sam.embedded import models as embedded_models
-from hf_sam.embedded.tasks import CATEGORIES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, reverse_answer
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the examples' embedded defaults (examples/embedded/) are not part of hf_sam
+from embedded import make_classification_task, make_reverse_task, metric_path  # noqa: E402
+from embedded import models as embedded_models  # noqa: E402
+from embedded.tasks import CATEGORIES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, reverse_answer  # noqa: E402
 
 
 # ---- generated tasks ------------------------------------------------------------------------------------------------
@@ -307,9 +307,26 @@ def test_digits_dataset_split_and_noise():
 
 
 def _common():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import _common
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    import _common
+
     return _common
+
+
+def test_the_package_carries_no_example_plumbing():
+    """`import hf_sam` loads the core only, and the examples' defaults live beside them, not in the package."""
+    import hf_sam
+
+    package = Path(hf_sam.__file__).parent
+    assert not (package / "embedded").exists()
+    assert not [p for p in package.rglob("*.py") if p.parent.name in ("accuracy", "exact_match")]  # metric scripts
+    assert Path(embedded_models.__file__).parent == EXAMPLES / "embedded"
+    code = (
+        "import sys, hf_sam\n"
+        "core = {'config', 'deepspeed_support', 'distributed', 'listing', 'metrics', 'model_card', 'perturbation',\n"
+        "        'rng', 'side_effects', 'trainer', 'validation', 'variants'}\n"
+        "loaded = {m.split('.')[1] for m in sys.modules if m.startswith('hf_sam.')}\n"
+        "assert loaded <= core, loaded - core\n"
+        "assert not {'embedded', '_common', 'matplotlib'} & set(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

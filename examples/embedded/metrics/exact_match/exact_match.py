@@ -1,7 +1,7 @@
 """Exact match: the fraction of predicted strings equal to their reference (an `evaluate` metric script).
 
-Shipped with hf_sam and loaded by path, so no Hub access is needed:
-`evaluate.load(hf_sam.embedded.metric_path("exact_match"))`. Same inputs and output as the Hub's `exact_match`
+Shipped with the examples (`examples/embedded/`) and loaded by path, so no Hub access is needed:
+`evaluate.load(embedded.metric_path("exact_match"))`. Same inputs and output as the Hub's `exact_match`
 metric (`regexes_to_ignore`, `ignore_case`, `ignore_punctuation`, `ignore_numbers`), plus `strip` (on by default:
 leading and trailing whitespace never counts, and runs of inner whitespace count as one space).
 """

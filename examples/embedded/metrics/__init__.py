@@ -3,7 +3,7 @@
 Example:
     ```python
     import evaluate
-    from hf_sam.embedded import metric_path
+    from embedded import metric_path
 
     accuracy = evaluate.load(metric_path("accuracy"))
     accuracy.compute(predictions=[0, 1], references=[0, 0])  # {"accuracy": 0.5}

@@ -1,7 +1,7 @@
 """Accuracy: the fraction of predictions equal to their references (an `evaluate` metric script).
 
-Shipped with hf_sam and loaded by path, so no Hub access is needed:
-`evaluate.load(hf_sam.embedded.metric_path("accuracy"))`. Same inputs and output as the Hub's `accuracy` metric.
+Shipped with the examples (`examples/embedded/`) and loaded by path, so no Hub access is needed:
+`evaluate.load(embedded.metric_path("accuracy"))`. Same inputs and output as the Hub's `accuracy` metric.
 """
 
 from __future__ import annotations
