@@ -597,6 +597,19 @@ def _parse_methods(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def _drop_repeated_runs(records: list[dict]) -> list[dict]:
+    """Keep the first run of each (task, noise, method, seed): merged files may share runs (a baseline copied so that
+    `--resume` skips it). A repeat whose accuracy differs is reported, since the runs are meant to be deterministic."""
+    kept: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["task"], record["noise"], record["method"], record["seed"])
+        if key not in kept:
+            kept[key] = record
+        elif record["accuracy"] != kept[key]["accuracy"]:
+            print(f"note: {key} ran twice with accuracy {kept[key]['accuracy']} and {record['accuracy']}; kept the first")
+    return list(kept.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -644,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = [json.loads(Path(f).read_text()) for f in opts.merge]
     for merged in commands:
         records += merged["runs"]
+    records = _drop_repeated_runs(records)
     done = {(r["task"], r["noise"], r["method"], r["seed"]) for r in records}
     info = {
         "command": " ".join(["python", "benchmarks/bench_benefit.py", *(argv if argv is not None else sys.argv[1:])])

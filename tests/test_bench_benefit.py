@@ -70,3 +70,12 @@ def test_method_table_entries_are_sam_arguments():
     assert bench._parse_methods(['x={"sam_rho": 0.2}']) == {"x": {"sam_rho": 0.2}}
     with pytest.raises(SystemExit):
         bench._parse_methods(['x={"rho": 0.2}'])
+
+
+def test_merge_keeps_one_run_per_task_noise_method_seed(capsys):
+    bench = _load_bench()
+    run = {"task": "t", "noise": 0.3, "method": "adamw", "seed": 0, "accuracy": 0.5}
+    other_seed = dict(run, seed=1, accuracy=0.7)
+    kept = bench._drop_repeated_runs([run, other_seed, dict(run), dict(run, accuracy=0.6)])
+    assert kept == [run, other_seed]  # a shared baseline counts once in the paired interval
+    assert "ran twice with accuracy 0.5 and 0.6" in capsys.readouterr().out
