@@ -606,7 +606,8 @@ def _drop_repeated_runs(records: list[dict]) -> list[dict]:
         if key not in kept:
             kept[key] = record
         elif record["accuracy"] != kept[key]["accuracy"]:
-            print(f"note: {key} ran twice with accuracy {kept[key]['accuracy']} and {record['accuracy']}; kept the first")
+            first, repeat = kept[key]["accuracy"], record["accuracy"]
+            print(f"note: {key} ran twice with accuracy {first} and {repeat}; kept the first")
     return list(kept.values())
 
 
