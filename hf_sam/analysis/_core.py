@@ -259,6 +259,24 @@ def select_parameters(
     return [n for n, _ in chosen], [p for _, p in chosen]
 
 
+def measured_parameters_and_batches(
+    model: nn.Module,
+    data: Any,
+    *,
+    space: str,
+    params: Iterable[nn.Parameter | str] | None,
+    batch_size: int | None,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    max_batches: int | None,
+) -> tuple[list[str], list[nn.Parameter], Batches]:
+    """What a measurement runs on: the parameters' names, the parameters (`select_parameters`) and the batches
+    (`prepare_batches`). The parameters are chosen first, so that a bad `space` or `params` fails before any data
+    is read."""
+    names, chosen = select_parameters(model, space, params)
+    batches = prepare_batches(data, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches)
+    return names, chosen, batches
+
+
 @torch.no_grad()
 def reference_weights(model: nn.Module, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
     """The weights that scale directions (filter normalisation) and ASAM's T, in float32.
@@ -332,6 +350,12 @@ def double_backward_kernels() -> Iterator[None]:
 
 # ---- progress ------------------------------------------------------------------------------------------------------
 class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
     def update(self, n: int = 1) -> None:
         pass
 
@@ -343,7 +367,8 @@ class _NoBar:
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool) -> Any:
-    """A tqdm bar (`tqdm.auto`), or a silent stand-in when `enabled` is False or tqdm is missing."""
+    """A tqdm bar (`tqdm.auto`), or a silent stand-in when `enabled` is False or tqdm is missing; either closes on
+    leaving a `with` block."""
     if not enabled:
         return _NoBar()
     try:

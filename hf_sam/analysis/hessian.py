@@ -28,11 +28,10 @@ from ._core import (
     LossFn,
     check_number,
     dot,
+    measured_parameters_and_batches,
     measurement_state,
     norm,
-    prepare_batches,
     progress_bar,
-    select_parameters,
 )
 
 logger = logging.get_logger(__name__)
@@ -92,12 +91,6 @@ def _project_out(v: list[torch.Tensor], basis: list[list[torch.Tensor]]) -> None
         torch._foreach_add_(v, b, alpha=-dot(v, b))
 
 
-def _common(model, data, space, params, batch_size, collate_fn, max_batches):
-    _, chosen = select_parameters(model, space, params)
-    batches = prepare_batches(data, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches)
-    return chosen, batches
-
-
 def hessian_eigenvalues(
     model: nn.Module,
     data: Any,
@@ -141,52 +134,53 @@ def hessian_eigenvalues(
     check_number("max_iter", max_iter, integer=True)
     check_number("tol", tol, strict=False)
     check_number("seed", seed, integer=True, strict=False)
-    chosen, batches = _common(model, data, space, params, batch_size, collate_fn, max_batches)
+    _, chosen, batches = measured_parameters_and_batches(
+        model, data, space=space, params=params, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches
+    )
     size = sum(p.numel() for p in chosen)
     if k > size:
         raise ValueError(f"`k` must be at most the number of parameters measured ({size}); got {k}.")
     generator = torch.Generator().manual_seed(seed)
-    bar = progress_bar(k * max_iter * len(batches), "Hessian eigenvalues", progress)
     eigenvalues, iterations, converged, vectors = [], [], [], []
-    try:
-        with measurement_state(model, chosen, grad=True, backup=False):
-            evaluator = Evaluator(model, chosen, batches, loss_fn, bar)
-            for index in range(k):
-                v = _gaussian(chosen, generator)
-                _project_out(v, vectors)
-                torch._foreach_div_(v, norm(v))
-                value, done, it = 0.0, False, 0
-                for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported
-                    hv = evaluator.hvp([v], 1)[0]
-                    _project_out(hv, vectors)
-                    new = dot(hv, v)  # Rayleigh quotient of the unit vector v (v is orthogonal to `vectors`)
-                    residual = norm(torch._foreach_add(hv, v, alpha=-new))  # ||H v - new v||
-                    hv_norm = norm(hv)
-                    if not math.isfinite(hv_norm):
-                        raise FloatingPointError(f"The Hessian-vector product is not finite (eigenvalue {index}).")
-                    if hv_norm == 0.0:  # v is in the null space: the remaining spectrum is 0 here
-                        value, done = new, True
-                        break
-                    torch._foreach_div_(hv, hv_norm)
-                    v = hv
-                    # Converged: the estimate has settled and v is an eigenvector to the matching accuracy (the
-                    # eigenvalue error is of order residual^2 / gap). The residual test catches a stall between two
-                    # eigenvalues of nearly equal magnitude, where the estimate moves slowly but v is no eigenvector.
-                    settled = abs(new - value) <= tol * max(abs(value), 1e-12)
-                    if it > 1 and settled and residual <= math.sqrt(tol) * max(abs(new), 1e-12):
-                        value, done = new, True
-                        break
-                    value = new
-                    bar.set_postfix_str(f"lambda_{index + 1}={value:.4g}")
-                bar.update((max_iter - it) * len(batches))
-                if not done:
-                    logger.warning(f"Hessian eigenvalue {index + 1} did not reach tol={tol} in {max_iter} iterations.")
-                eigenvalues.append(value)
-                iterations.append(it)
-                converged.append(done)
-                vectors.append(v)
-    finally:
-        bar.close()
+    with (
+        progress_bar(k * max_iter * len(batches), "Hessian eigenvalues", progress) as bar,
+        measurement_state(model, chosen, grad=True, backup=False),
+    ):
+        evaluator = Evaluator(model, chosen, batches, loss_fn, bar)
+        for index in range(k):
+            v = _gaussian(chosen, generator)
+            _project_out(v, vectors)
+            torch._foreach_div_(v, norm(v))
+            value, done, it = 0.0, False, 0
+            for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported
+                hv = evaluator.hvp([v], 1)[0]
+                _project_out(hv, vectors)
+                new = dot(hv, v)  # Rayleigh quotient of the unit vector v (v is orthogonal to `vectors`)
+                residual = norm(torch._foreach_add(hv, v, alpha=-new))  # ||H v - new v||
+                hv_norm = norm(hv)
+                if not math.isfinite(hv_norm):
+                    raise FloatingPointError(f"The Hessian-vector product is not finite (eigenvalue {index}).")
+                if hv_norm == 0.0:  # v is in the null space: the remaining spectrum is 0 here
+                    value, done = new, True
+                    break
+                torch._foreach_div_(hv, hv_norm)
+                v = hv
+                # Converged: the estimate has settled and v is an eigenvector to the matching accuracy (the
+                # eigenvalue error is of order residual^2 / gap). The residual test catches a stall between two
+                # eigenvalues of nearly equal magnitude, where the estimate moves slowly but v is no eigenvector.
+                settled = abs(new - value) <= tol * max(abs(value), 1e-12)
+                if it > 1 and settled and residual <= math.sqrt(tol) * max(abs(new), 1e-12):
+                    value, done = new, True
+                    break
+                value = new
+                bar.set_postfix_str(f"lambda_{index + 1}={value:.4g}")
+            bar.update((max_iter - it) * len(batches))
+            if not done:
+                logger.warning(f"Hessian eigenvalue {index + 1} did not reach tol={tol} in {max_iter} iterations.")
+            eigenvalues.append(value)
+            iterations.append(it)
+            converged.append(done)
+            vectors.append(v)
     # Deflation finds them in decreasing magnitude only up to the tolerance: when two magnitudes nearly tie, the
     # first run can stop early on the smaller one. Report them sorted.
     order = sorted(range(k), key=lambda i: -abs(eigenvalues[i]))
@@ -235,18 +229,19 @@ def hessian_trace(
     """
     check_number("samples", samples, integer=True)
     check_number("seed", seed, integer=True, strict=False)
-    chosen, batches = _common(model, data, space, params, batch_size, collate_fn, max_batches)
+    _, chosen, batches = measured_parameters_and_batches(
+        model, data, space=space, params=params, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches
+    )
     seeds = torch.randint(0, 2**62, (samples,), generator=torch.Generator().manual_seed(seed)).tolist()
 
     def vector(i: int) -> list[torch.Tensor]:
         return _rademacher(chosen, torch.Generator().manual_seed(seeds[i]))
 
-    bar = progress_bar(len(batches), "Hessian trace", progress)
-    try:
-        with measurement_state(model, chosen, grad=True, backup=False):
-            forms = Evaluator(model, chosen, batches, loss_fn, bar).hvp(vector, samples)
-    finally:
-        bar.close()
+    with (
+        progress_bar(len(batches), "Hessian trace", progress) as bar,
+        measurement_state(model, chosen, grad=True, backup=False),
+    ):
+        forms = Evaluator(model, chosen, batches, loss_fn, bar).hvp(vector, samples)
     trace = float(forms.mean())
     std_error = float(forms.std() / math.sqrt(samples)) if samples > 1 else float("nan")
     return HessianTraceResult(trace, std_error, samples, forms.tolist())

@@ -29,6 +29,7 @@ from ._core import (
     LossFn,
     check_choice,
     check_number,
+    measured_parameters_and_batches,
     measurement_state,
     prepare_batches,
     progress_bar,
@@ -145,15 +146,12 @@ def _evaluate_grid(
     progress: bool,
     w0: list[torch.Tensor],
 ) -> torch.Tensor:
-    bar = progress_bar(len(points) * len(batches), desc, progress)
-    try:
+    with progress_bar(len(points) * len(batches), desc, progress) as bar:
         evaluator = Evaluator(model, chosen, batches, loss_fn, bar)
         losses = []
         for point in points:
             set_weights(chosen, w0, list(zip(point, directions)))
             losses.append(evaluator.loss())
-    finally:
-        bar.close()
     return torch.tensor(losses, dtype=torch.float64)
 
 
@@ -204,8 +202,9 @@ def random_landscape(
     check_choice("normalization", normalization, NORMALIZATIONS)
     check_number("seed", seed, integer=True, strict=False)
     x = _coordinates("span", span, steps)
-    _, chosen = select_parameters(model, space, params)
-    batches = prepare_batches(data, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches)
+    _, chosen, batches = measured_parameters_and_batches(
+        model, data, space=space, params=params, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches
+    )
     generator = torch.Generator().manual_seed(seed)
     with measurement_state(model, chosen, grad=False, backup=True) as w0:
         refs = reference_weights(model, chosen)
@@ -271,6 +270,7 @@ def interpolate(
     if isinstance(span, (int, float)):
         raise ValueError(f"`span` must be a pair (low, high) for `interpolate`, e.g. (0.0, 1.0); got {span!r}.")
     x = _coordinates("span", span, steps)
+    # Not `measured_parameters_and_batches`: `other` is checked against the parameters before any data is read.
     names, chosen = select_parameters(model, space, params)
     if isinstance(other, nn.Module):
         target = dict(other.named_parameters())

@@ -31,12 +31,11 @@ from ._core import (
     LossFn,
     batch_size_of,
     check_number,
+    measured_parameters_and_batches,
     measurement_state,
     norm,
-    prepare_batches,
     progress_bar,
     reference_weights,
-    select_parameters,
     set_weights,
     split_batch,
 )
@@ -161,8 +160,9 @@ def sam_sharpness(
         check_number("m", m, integer=True)
     if not isinstance(adaptive, bool):
         raise ValueError(f"`adaptive` must be a bool; got {adaptive!r}.")
-    _, chosen = select_parameters(model, space, params)
-    batches = prepare_batches(data, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches)
+    _, chosen, batches = measured_parameters_and_batches(
+        model, data, space=space, params=params, batch_size=batch_size, collate_fn=collate_fn, max_batches=max_batches
+    )
     groups: list[tuple[Batches, float]] = [(batches, 1.0)]
     if m is not None:  # each chunk of m examples is its own loss, with its own perturbation
         groups = []
@@ -170,22 +170,21 @@ def sam_sharpness(
             chunks = split_batch(batch, m)
             sizes = [batch_size_of(c) for c in chunks]
             groups += [(Batches([c], [1.0]), weight * s / sum(sizes)) for c, s in zip(chunks, sizes)]
-    bar = progress_bar(sum(len(g) for g, _ in groups) * (steps + 1), "SAM sharpness", progress)
     values, cleans, weights = [], [], []
-    try:
-        with measurement_state(model, chosen, grad=True, backup=True) as w0:
-            scale = None
-            if adaptive:
-                scale = [r.abs().add_(eta).to(p.device) for r, p in zip(reference_weights(model, chosen), chosen)]
-            for group, weight in groups:
-                evaluator = Evaluator(model, chosen, group, loss_fn, bar)
-                clean, best = _ascent(evaluator, w0, scale, rho, steps, rho if step_size is None else step_size)
-                set_weights(chosen, w0, [])
-                values.append(best - clean)
-                cleans.append(clean)
-                weights.append(weight)
-    finally:
-        bar.close()
+    with (
+        progress_bar(sum(len(g) for g, _ in groups) * (steps + 1), "SAM sharpness", progress) as bar,
+        measurement_state(model, chosen, grad=True, backup=True) as w0,
+    ):
+        scale = None
+        if adaptive:
+            scale = [r.abs().add_(eta).to(p.device) for r, p in zip(reference_weights(model, chosen), chosen)]
+        for group, weight in groups:
+            evaluator = Evaluator(model, chosen, group, loss_fn, bar)
+            clean, best = _ascent(evaluator, w0, scale, rho, steps, rho if step_size is None else step_size)
+            set_weights(chosen, w0, [])
+            values.append(best - clean)
+            cleans.append(clean)
+            weights.append(weight)
     total = sum(weights)
     sharpness = sum(v * w for v, w in zip(values, weights)) / total
     loss = sum(c * w for c, w in zip(cleans, weights)) / total
