@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_benefit.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_benefit", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark_script
 
 
 def test_quick_digits_run_writes_every_measure(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    bench = _load_bench()
+    bench = load_benchmark_script("bench_benefit")
     out = tmp_path / "benefit"
     argv = ["--quick", "--tasks", "digits", "--methods", "sam", "late_sam", "--seeds", "0", "1", "--noise", "0.4"]
     assert bench.main([*argv, "--weight_noise", "0.1", "--noise_draws", "1", "--out_dir", str(out)]) == 0
@@ -45,7 +33,7 @@ def test_quick_digits_run_writes_every_measure(tmp_path, capsys):
 
 
 def test_paired_interval_and_quantizer():
-    bench = _load_bench()
+    bench = load_benchmark_script("bench_benefit")
     d = bench.paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.4})
     assert d["mean"] == pytest.approx(0.2) and d["n"] == 3
     assert d["high"] - d["mean"] == pytest.approx(4.302652729911275 * 0.1 / 3**0.5)  # t(0.975, 2) * sd / sqrt(n)
@@ -61,7 +49,7 @@ def test_paired_interval_and_quantizer():
 
 
 def test_method_table_entries_are_sam_arguments():
-    bench = _load_bench()
+    bench = load_benchmark_script("bench_benefit")
     from hf_sam import SAMTrainingArguments
 
     fields = set(SAMTrainingArguments.__dataclass_fields__)
@@ -73,7 +61,7 @@ def test_method_table_entries_are_sam_arguments():
 
 
 def test_merge_keeps_one_run_per_task_noise_method_seed(capsys):
-    bench = _load_bench()
+    bench = load_benchmark_script("bench_benefit")
     run = {"task": "t", "noise": 0.3, "method": "adamw", "seed": 0, "accuracy": 0.5}
     other_seed = dict(run, seed=1, accuracy=0.7)
     kept = bench._drop_repeated_runs([run, other_seed, dict(run), dict(run, accuracy=0.6)])

@@ -5,25 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_sam.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sam", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark_script
 
 
 def test_quick_tiny_benchmark_prints_every_row(tmp_path, capsys):
     pytest.importorskip("peft")
-    bench = _load_bench()
+    bench = load_benchmark_script("bench_sam")
     out_json = tmp_path / "rows.json"
     assert bench.main(["--quick", "--tiny", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
@@ -57,7 +46,7 @@ def _floor_median(summaries, case):
 
 
 def test_variant_table_entries_are_sam_arguments():
-    bench = _load_bench()
+    bench = load_benchmark_script("bench_sam")
     from hf_sam import SAMTrainingArguments
 
     fields = set(SAMTrainingArguments.__dataclass_fields__)

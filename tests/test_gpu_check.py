@@ -11,17 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark_script
 from torch.autograd import DeviceType
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_without_a_cuda_gpu_it_exits_non_zero_with_a_clear_message(tmp_path):
@@ -58,7 +51,7 @@ def _rows(gc):
 
 
 def test_ratios_compare_rows_of_the_same_precision_and_compile_setting():
-    gc = _load()
+    gc = load_benchmark_script("gpu_check")
     rows = {(r["row"], r["precision"]): r for r in _rows(gc)}
     assert rows["sam", "bf16"]["x_floor"] == pytest.approx(21 / 20)
     assert rows["sam", "bf16"]["x_plain"] == pytest.approx(21 / 10)
@@ -74,7 +67,7 @@ def test_ratios_compare_rows_of_the_same_precision_and_compile_setting():
 
 
 def test_table_has_one_line_per_row_and_the_json_round_trips(tmp_path):
-    gc = _load()
+    gc = load_benchmark_script("gpu_check")
     rows = _rows(gc)
     rows.append(gc.kernel_row({"plain": 300, "floor": 600, "sam": 642}))
     table = gc.format_table(rows)
@@ -104,7 +97,7 @@ class _Event:
 
 
 def test_kernel_count_takes_device_kernels_only():
-    gc = _load()
+    gc = load_benchmark_script("gpu_check")
     events = [
         _Event("void at::native::vectorized_elementwise_kernel<4, ...>", DeviceType.CUDA),
         _Event("multi_tensor_apply_kernel<...>", DeviceType.CUDA),
@@ -119,7 +112,7 @@ def test_kernel_count_takes_device_kernels_only():
 
 
 def test_qlora_row_says_why_it_was_skipped(tmp_path, monkeypatch):
-    gc = _load()
+    gc = load_benchmark_script("gpu_check")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
     args = gc.argparse.Namespace(output_dir=str(tmp_path), qlora_steps=3)
@@ -129,7 +122,7 @@ def test_qlora_row_says_why_it_was_skipped(tmp_path, monkeypatch):
 
 
 def test_qlora_row_reads_the_metrics_that_sft_lora_writes(tmp_path, monkeypatch):
-    gc = _load()
+    gc = load_benchmark_script("gpu_check")
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name)
@@ -161,6 +154,6 @@ def test_qlora_row_reads_the_metrics_that_sft_lora_writes(tmp_path, monkeypatch)
 
 
 def test_kernel_row_flags_a_profiler_that_saw_no_kernel():
-    gc = _load()
+    gc = load_benchmark_script("gpu_check")
     row = gc.kernel_row({"plain": 0, "floor": 0, "sam": 0})
     assert row["kernels"] is None and "no CUDA kernel" in row["notes"]

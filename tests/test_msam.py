@@ -8,13 +8,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
+from conftest import (
+    assert_learning_rate_zero_never_changes_the_weights,
+    assert_tiny_rho_reproduces_the_plain_trainer,
+    assert_updates_close,
+    base_args,
+    lm_dataset,
+    sgd_args,
+    tiny_llama,
+    trainable_state,
+)
 from test_no_host_sync import host_reads  # noqa: F401 (a fixture)
 from test_resume import run as resume_run
 from test_trainer import regression_dataset, window_loss, windows_of
 from torch import nn
 from torch.func import grad
-from transformers import Trainer, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 from hf_sam.perturbation import perturb_along_, restore_
@@ -126,31 +134,12 @@ def test_msam_update_matches_the_formula_with_one_pass_per_micro_batch(tmp_path,
 
 
 def test_tiny_rho_reproduces_the_plain_trainer(tmp_path):
-    data = lm_dataset(n=8)
-    plain, sam = tiny_llama(), tiny_llama()
-    kwargs = base_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4)
-    kwargs.update(learning_rate=1e-2, optim="adamw_torch")
-    Trainer(model=plain, args=TrainingArguments(**kwargs), train_dataset=data).train()
-    args = SAMTrainingArguments(**kwargs, sam_rho=1e-9, sam_method="msam")
-    SAMTrainer(model=sam, args=args, train_dataset=data).train()
-    for (name, p), q in zip(plain.named_parameters(), sam.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert_tiny_rho_reproduces_the_plain_trainer(tmp_path, "msam")
 
 
 def test_learning_rate_zero_never_changes_the_weights(tmp_path):
-    """The perturbation is undone by copy: with lr = 0 every weight ends bit for bit where it started."""
-    model = tiny_llama()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = SAMTrainingArguments(
-        **optimizer_args(tmp_path, "sgd", per_device_train_batch_size=2, gradient_accumulation_steps=2),
-        max_steps=3,
-        sam_rho=0.5,
-        sam_method="msam",
-    )
-    args.learning_rate = 0.0
-    SAMTrainer(model=model, args=args, train_dataset=lm_dataset(8)).train()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    training_kwargs = optimizer_args(tmp_path, "sgd", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert_learning_rate_zero_never_changes_the_weights(training_kwargs, "msam")
 
 
 class FailingForward(nn.Module):
