@@ -16,15 +16,12 @@ import base64
 import importlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _launch import REPO, free_port, run_launch, torchrun_arguments, update_error
 from conftest import base_args
 
 from hf_sam import SAMConfig, SAMTrainingArguments
@@ -40,7 +37,6 @@ from hf_sam.distributed import (
     unsupported_setup_reason,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "dist_scripts" / "deepspeed_trainer.py"
 ACCELERATE_CONFIG = REPO / "examples" / "accelerate" / "deepspeed_zero2.yaml"
 LAUNCH_TIMEOUT_S = 400
@@ -228,36 +224,8 @@ def deepspeed_python() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(python: str, launcher: list[str], args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [python, *launcher, str(SCRIPT), *args]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{' '.join(command)} ran past {LAUNCH_TIMEOUT_S} s:\n{output[-6000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited with {process.returncode}:\n{output[-6000:]}")
-
-
-def update_error(got: dict, want: dict, start: dict) -> float:
-    """||got - want|| / ||want - start|| over all tensors: the error relative to the size of the update."""
-    num = sum((got[k].double() - want[k].double()).square().sum() for k in want)
-    den = sum((want[k].double() - start[k].double()).square().sum() for k in want)
-    return float((num / den).sqrt())
+    run_launch([python, *launcher, str(SCRIPT), *args], LAUNCH_TIMEOUT_S, DS_ACCELERATOR="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -269,10 +237,9 @@ def ds(tmp_path_factory):
             "its python (default: ~/.cache/hf_sam/venvs/deepspeed/bin/python)"
         )
     out = tmp_path_factory.mktemp("deepspeed")
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     ddp_runs = ["plain", "local-exact", "local-micro", "ascent-fraction"]
-    launch(python, [*torchrun, "--master_port", str(free_port())], [str(out), "--stages", *STAGES, "--refusals"])
-    launch(python, [*torchrun, "--master_port", str(free_port())], [str(out), "--stages", "--ddp-runs", *ddp_runs])
+    launch(python, torchrun_arguments(2), [str(out), "--stages", *STAGES, "--refusals"])
+    launch(python, torchrun_arguments(2), [str(out), "--stages", "--ddp-runs", *ddp_runs])
     accelerate = ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG)]
     accelerate += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
     launch(python, accelerate, [str(out), "--accelerate", "--runs", "global-exact"])

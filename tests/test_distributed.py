@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _launch import REPO, run_launch, torchrun_arguments, update_error
 from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
@@ -31,54 +29,13 @@ from hf_sam.distributed import (
 from hf_sam.perturbation import global_norm, perturb_, restore_
 
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: str, out: Path, nproc: int | None) -> None:
     """Run `script OUT` with `nproc` processes under `torch.distributed.run`, or as one plain process for None."""
-    command = [sys.executable]
-    if nproc is not None:
-        command += [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-        ]
-    command += [str(SCRIPTS / script), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    if sys.platform.startswith("linux"):  # gloo on loopback: containers whose hostname resolves elsewhere
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # A session of its own, so that a hang takes the launcher's worker processes down with it.
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{' '.join(command)} ran past {LAUNCH_TIMEOUT_S} s:\n{output[-6000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited with {process.returncode}:\n{output[-6000:]}")
-
-
-def update_error(got: dict, want: dict, start: dict) -> float:
-    """||got - want|| / ||want - start|| over all tensors: the error relative to the size of the update."""
-    num = sum((got[k].double() - want[k].double()).square().sum() for k in want)
-    den = sum((want[k].double() - start[k].double()).square().sum() for k in want)
-    return float((num / den).sqrt())
+    launcher = torchrun_arguments(nproc) if nproc is not None else []
+    run_launch([sys.executable, *launcher, str(SCRIPTS / script), str(out)], LAUNCH_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
