@@ -55,10 +55,9 @@ import traceback
 from pathlib import Path
 
 import torch
+from _deepspeed_setup import STAGES, dataset, deepspeed_config, tiny_llama, training_kwargs, zero_holds_no_gradient
 
-VOCAB, LENGTH = 48, 12
-RHO, LR = 0.5, 0.5
-GLOBAL_BATCH, ACCUMULATION, STEPS = 4, 2, 2
+RHO = 0.5
 RUNS = (
     "plain",
     "plain-resume",
@@ -69,74 +68,9 @@ RUNS = (
     "sam-global-bf16",
     "naive",
 )
-# ZeRO configurations: "2-overlap" is ZeRO-2 with overlapped communication and small buckets (many reductions).
-STAGES = {
-    "1": {"stage": 1},
-    "2": {"stage": 2},
-    "2-overlap": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500},
-}
 
 
-# ---- the shared setup -----------------------------------------------------------------------------------------------
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float()
-
-
-def dataset() -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(
-        0, VOCAB, (GLOBAL_BATCH * ACCUMULATION * STEPS, LENGTH), generator=torch.Generator().manual_seed(1)
-    )
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
-
-
-def training_kwargs(out: Path, world_size: int) -> dict:
-    return dict(
-        output_dir=str(out),
-        use_cpu=True,  # without it, TrainingArguments counts world size 1 on a machine with no accelerator
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        optim="sgd",
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",  # rank r's micro-batch i is the r-th slice of the global micro-batch i
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        gradient_accumulation_steps=ACCUMULATION,
-        max_steps=STEPS,
-    )
-
-
-def deepspeed_config(stage: str) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": STAGES[stage],
-        "zero_allow_untested_optimizer": True,  # the Trainer's torch.optim.SGD, as in the reference
-        "bf16": {"enabled": "auto"},  # from TrainingArguments(bf16=...): bf16 weights, fp32 master in the partitions
-    }
-
-
+# ---- comparing weights ---------------------------------------------------------------------------------------------
 def state_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in model.named_parameters()}
 
@@ -187,19 +121,6 @@ def deferred_engine_step(accelerator):
         yield boundary
     finally:
         del wrapper.backward
-
-
-def zero_holds_no_gradient(engine) -> bool:
-    """Whether ZeRO-1/2 hold no reduced gradient and no parameter has a `.grad` (private attributes of 0.19.8)."""
-    optimizer = engine.optimizer
-    partitions = getattr(optimizer, "averaged_gradients", {})
-    params = [p for group in getattr(optimizer, "bit16_groups", []) for p in group]
-    accumulated = [getattr(p, "grad_accum", None) for p in params]
-    return (
-        all(v is None for v in partitions.values())
-        and all(p.grad is None for p in params)
-        and all(a is None for a in accumulated)
-    )
 
 
 def sam_trainer_class():

@@ -29,12 +29,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for hf_sam
 
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback  # noqa: E402
+from _deepspeed_setup import (  # noqa: E402
+    STAGES,
+    dataset,
+    deepspeed_config,
+    tiny_llama,
+    training_kwargs,
+    zero_holds_no_gradient,
+)
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_sam import SAMMixin, SAMTrainingArguments  # noqa: E402
 
-VOCAB, LENGTH = 48, 12
-GLOBAL_BATCH, ACCUMULATION, STEPS = 4, 2, 2
 RUNS = {  # name: SAMTrainingArguments overrides; None for the plain Trainer. "-resume": from checkpoint-1 of the run
     "plain": None,
     "global-exact": dict(sam_sync="global", sam_accumulation="exact"),
@@ -64,12 +70,6 @@ REFERENCE_RUNS = (
     "interval",
     "global-exact-clip",
 )
-STAGES = {
-    "1": {"stage": 1},
-    "2": {"stage": 2},
-    # ZeRO-2 with overlapped communication and small buckets: every backward runs many bucketed reductions.
-    "2-overlap": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500},
-}
 COLLECTIVES = (
     "all_reduce",
     "all_reduce_coalesced",
@@ -81,39 +81,6 @@ COLLECTIVES = (
     "broadcast",
     "all_to_all_single",
 )
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float()
-
-
-def dataset() -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH * ACCUMULATION * STEPS, LENGTH), generator=g)
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
-
-
-def deepspeed_config(stage: str) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": STAGES[stage],
-        "zero_allow_untested_optimizer": True,  # the Trainer's torch.optim.SGD, as in the reference
-        "bf16": {"enabled": "auto"},  # from `bf16=`: bf16 weights, fp32 master weights in ZeRO's partitions
-    }
 
 
 # ---- counting collectives by phase ----------------------------------------------------------------------------------
@@ -177,17 +144,6 @@ class SAMPassRecorder(SAMMixin, PassRecorder):
     pass
 
 
-def zero_holds_no_gradient(engine) -> bool:
-    """No `.grad`, no `grad_accum`, no reduced partition (private attributes of ZeRO-1/2 in DeepSpeed 0.19.8)."""
-    optimizer = engine.optimizer
-    params = [p for group in optimizer.bit16_groups for p in group]
-    return (
-        all(v is None for v in getattr(optimizer, "averaged_gradients", {}).values())
-        and all(p.grad is None for p in params)
-        and all(getattr(p, "grad_accum", None) is None for p in params)
-    )
-
-
 def instrument_deepspeed_sam(checks: dict[str, list]) -> None:
     """Wrap `DeepSpeedSAM` to check, at every perturbation, that ZeRO held no gradient (exact mode), and before every
     engine step that the weights were restored bit for bit; phases for the counter."""
@@ -238,27 +194,8 @@ def run(name: str, out: Path, stage: str | None, world_size: int) -> None:
     bf16 = overrides.pop("bf16", False)
     base = name.removesuffix("-resume")
     tag = f"{stage or 'ref'}-{name}"
-    kwargs = dict(
-        output_dir=str(out / f"trainer-{stage or 'ref'}-{base}"),
-        use_cpu=True,  # without it TrainingArguments counts one process on a machine without an accelerator
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        gradient_accumulation_steps=ACCUMULATION,
-        max_steps=STEPS,
-        bf16=bf16,
-    )
+    kwargs = training_kwargs(out / f"trainer-{stage or 'ref'}-{base}", world_size)
+    kwargs["bf16"] = bf16
     if stage in STAGES:
         kwargs["deepspeed"] = deepspeed_config(stage)
     if name in CHECKPOINTED:
