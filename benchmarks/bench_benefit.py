@@ -502,7 +502,7 @@ def format_table(rows: list[dict]) -> str:
     out = []
     for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in rows):
         group = [r for r in rows if r["task"] == task and r["noise"] == noise]
-        noise_keys = [k for k in group[0] if k.startswith("noise_")]
+        noise_keys = sorted({k for r in group for k in r if k.startswith("noise_")})  # a run may lack some
         head = (
             "| method | seeds | held-out acc. (sd) | Δ vs AdamW [95% CI] | λ_max | SAM sharpness | "
             + "".join(f"acc. σ={k[6:]} | " for k in noise_keys)
@@ -517,7 +517,7 @@ def format_table(rows: list[dict]) -> str:
                 _diff(r["accuracy"].get("diff")),
                 f"{r['hessian_top']['mean']:.3g}",
                 f"{r['sam_sharpness']['mean']:.3g}",
-                *[_pct(r[k]["mean"]) for k in noise_keys],
+                *[_pct(r[k]["mean"]) if k in r else "—" for k in noise_keys],
                 _pct(r["int8"]["mean"]) if "int8" in r else "—",
                 _pct(r["int4"]["mean"]) if "int4" in r else "—",
                 _diff(r["int4"].get("diff")) if "int4" in r else "—",

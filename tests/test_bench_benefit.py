@@ -67,3 +67,16 @@ def test_merge_keeps_one_run_per_task_noise_method_seed(capsys):
     kept = bench._drop_repeated_runs([run, other_seed, dict(run), dict(run, accuracy=0.6)])
     assert kept == [run, other_seed]  # a shared baseline counts once in the paired interval
     assert "ran twice with accuracy 0.5 and 0.6" in capsys.readouterr().out
+
+
+def test_table_shows_a_dash_for_a_measure_a_run_did_not_take():
+    bench = load_benchmark_script("bench_benefit")
+    measured = {"hessian_top": 1.0, "sam_sharpness": 0.1, "train_slice_loss": 0.2, "step_cpu_s": 1.0, "int4": 0.5}
+    base = [
+        dict(measured, task="t", noise=0.4, method="adamw", seed=s, accuracy=0.5, **{"noise_0.1": 0.4}) for s in (0, 1)
+    ]
+    other = [dict(measured, task="t", noise=0.4, method="sam", seed=s, accuracy=0.6) for s in (0, 1)]  # no sweep
+    table = bench.format_table(bench.summarize(base + other))
+    assert "acc. σ=0.1 |" in table
+    assert "| adamw | 2 | 50.0 (0.0) | — | 1 | 0.1 | 40.0 |" in table
+    assert "| sam | 2 | 60.0 (0.0) | +10.0 [+10.0, +10.0] | 1 | 0.1 | — |" in table
