@@ -482,7 +482,10 @@ def summarize(records: list[dict]) -> list[dict]:
         row["cost_x_adamw"] = statistics.fmean(costs) if costs else float("nan")
         row["step_cpu_s"] = statistics.fmean(r["step_cpu_s"] for r in runs)
         rows.append(row)
-    return rows
+    # Tables list methods in METHODS' order (the baseline first), whatever order the runs were merged in; methods
+    # added with --method follow, in the order they first appear.
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda row: order.get(row["method"], len(order)))
 
 
 def _pct(x: float) -> str:

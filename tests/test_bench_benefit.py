@@ -80,3 +80,14 @@ def test_table_shows_a_dash_for_a_measure_a_run_did_not_take():
     assert "acc. σ=0.1 |" in table
     assert "| adamw | 2 | 50.0 (0.0) | — | 1 | 0.1 | 40.0 |" in table
     assert "| sam | 2 | 60.0 (0.0) | +10.0 [+10.0, +10.0] | 1 | 0.1 | — |" in table
+
+
+def test_tables_list_methods_in_the_scripts_order_whatever_the_merge_order():
+    bench = load_benchmark_script("bench_benefit")
+    measured = {"hessian_top": 1.0, "sam_sharpness": 0.1, "train_slice_loss": 0.2, "step_cpu_s": 1.0, "accuracy": 0.5}
+    merged = [
+        dict(measured, task="t", noise=0.0, method=method, seed=0)
+        for method in ("late_sam", "my_variant", "adamw", "sam")  # e.g. a later --out_dir merged after an earlier one
+    ]
+    methods = [row["method"] for row in bench.summarize(merged)]
+    assert methods == ["adamw", "sam", "late_sam", "my_variant"]  # METHODS' order, then --method extras
