@@ -14,30 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import VOCAB, tiny_llama, tiny_llama_config  # noqa: E402, F401  (re-exported to the tests)
 
-VOCAB = 48
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(**overrides)).float()
 
 
 def lm_dataset(n: int = 8, length: int = 12, seed: int = 1) -> Dataset:

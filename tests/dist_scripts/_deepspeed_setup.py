@@ -1,17 +1,22 @@
 """The setting both DeepSpeed scripts train in: a tiny Llama, its data, the Trainer's arguments, the ZeRO configs.
 
 Imported by `deepspeed_trainer.py` and `deepspeed_probe.py` from their own folder (first on `sys.path` when a script
-runs); not `tests/conftest.py`, since the DeepSpeed venv has neither pytest nor datasets. Tiny Llama, fp32, SGD lr 0.5,
+runs); not `tests/conftest.py`, since the DeepSpeed venv has neither pytest nor datasets (the model comes from
+`tests/tiny_llama.py`, which needs only transformers). Tiny Llama, fp32, SGD lr 0.5,
 global batch 4 (split over the ranks), accumulation 2, 2 steps, sequential data: the setting of the DDP tests.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-VOCAB, LENGTH = 48, 12
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
+from tiny_llama import VOCAB, tiny_llama  # noqa: E402, F401  (tiny_llama is used by the scripts)
+
+LENGTH = 12
 LR = 0.5
 GLOBAL_BATCH, ACCUMULATION, STEPS = 4, 2, 2
 # ZeRO configurations: "2-overlap" is ZeRO-2 with overlapped communication and small buckets (many reductions).
@@ -20,23 +25,6 @@ STAGES = {
     "2": {"stage": 2},
     "2-overlap": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500},
 }
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float()
 
 
 def dataset() -> list[dict[str, torch.Tensor]]:

@@ -12,9 +12,11 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
+from tiny_llama import tiny_llama  # noqa: E402
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quiet", "north", "seven"]
 WORDS += ["tiger", "lamp", "paper", "window", "silver", "garden", "orange", "music"]
@@ -48,21 +50,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def main(out: Path) -> None:
     tok = tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = tiny_llama(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = LlamaForCausalLM(config).float()
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     data = out / "data"
