@@ -538,8 +538,12 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys((r["task"], r["noise"]) for r in rows))
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False)
-    for ax, (task, noise) in zip(axes[0], settings):
+    cols = min(2, len(settings))  # two panels a row: wide enough for the method labels
+    rows_n = math.ceil(len(settings) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 4.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(settings) :]:
+        ax.set_visible(False)
+    for ax, (task, noise) in zip(axes.flat, settings):
         for r in rows:
             if (r["task"], r["noise"]) != (task, noise):
                 continue
