@@ -54,7 +54,7 @@ def load_module(path: Path, name: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output_dir", default="outputs/demo", help="Where results, plot and runs go.")
-    p.add_argument("--image_seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the image part.")
+    p.add_argument("--image_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="Seeds of the image part.")
     p.add_argument("--image_noise", type=float, default=0.4, help="Fraction of wrong training labels (image).")
     p.add_argument("--image_steps", type=int, default=None, help="Image part steps (default: the benchmark's).")
     p.add_argument("--skip_lm", action="store_true", help="Run the image part only.")
