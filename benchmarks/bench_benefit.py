@@ -353,10 +353,19 @@ def quantize_rtn_(weight: Any, bits: int, group: int | None) -> None:
 
 
 def merged_copy(model: Any, lora: bool) -> Any:
-    """A deep copy of the model, LoRA adapters merged into their base weights."""
+    """A deep copy of the model, LoRA adapters merged into their base weights, that runs its own weights.
+
+    Trainers patch `forward` on module instances (TRL wraps the causal LM's forward in a closure over the bound
+    original; Accelerate's autocast wraps it too). `deepcopy` copies such a closure as is, so the copy's forward would
+    still run the *original* module and ignore every perturbation of the copy's weights: the instance attributes are
+    dropped, leaving the class's forward.
+    """
     clone = copy.deepcopy(model)
     if lora:
         clone = clone.merge_and_unload()
+    for module in clone.modules():
+        for name in ("forward", "_original_forward"):
+            module.__dict__.pop(name, None)
     return clone.eval()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,3 +92,41 @@ def test_tables_list_methods_in_the_scripts_order_whatever_the_merge_order():
     ]
     methods = [row["method"] for row in bench.summarize(merged)]
     assert methods == ["adamw", "sam", "late_sam", "my_variant"]  # METHODS' order, then --method extras
+
+
+def test_robustness_measures_the_perturbed_copy_of_a_trl_trained_lora_model(tmp_path):
+    """TRL patches the LM's forward with a closure over the original module; the measured copy must not run it."""
+    from conftest import lm_dataset, tiny_llama
+    from peft import LoraConfig
+    from test_trl import tiny_tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    bench = load_benchmark_script("bench_benefit")
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True
+    )
+    trainer = SFTTrainer(
+        model=tiny_llama(),
+        processing_class=tiny_tokenizer(),
+        args=args,
+        train_dataset=lm_dataset().remove_columns("labels"),  # tokenized: TRL's language-modelling path
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
+    trainer.train()
+    x = torch.arange(2, 12)[None]
+    with torch.no_grad():
+        before = trainer.model(input_ids=x).logits.clone()
+
+    def logit_sum(model):
+        with torch.no_grad():
+            return model(input_ids=x).logits.double().sum().item()
+
+    run = SimpleNamespace(lora=True, accuracy=logit_sum)
+    clean = before.double().sum().item()
+    measured = bench.robustness(run, trainer.model, [0.5], 1, 0, [])
+    # Noise of half each matrix's RMS on every weight moves the logits by far more than 1%, when it reaches the
+    # model that runs (through TRL's patched forward the copy ran the original weights: 0.02% from the unmerged
+    # adapters' rounding).
+    assert measured["noise_0.5"] != pytest.approx(clean, rel=1e-2)
+    with torch.no_grad():
+        assert torch.equal(trainer.model(input_ids=x).logits, before)  # and never the trained model
