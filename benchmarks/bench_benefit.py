@@ -375,11 +375,13 @@ QUANTIZERS = {"int8": (8, None), "int4": (4, QUANT_GROUP)}
 def robustness(
     run: TaskRun, model: Any, sigmas: list[float], draws: int, seed: int, quant: list[str]
 ) -> dict[str, float]:
-    """Held-out accuracy under Gaussian weight noise (per sigma, mean over draws) and after int8 / 4-bit RTN."""
+    """Held-out accuracy under Gaussian weight noise (per sigma, mean over draws) and after int8 / 4-bit RTN, and of
+    the unperturbed copy they start from ("merged"): the copy runs without the trainer's forward wrappers (in fp32
+    where training used mixed precision), so its accuracy, not the trained model's, is the reference for the rest."""
     import torch
 
-    out: dict[str, float] = {}
     base = merged_copy(model, run.lora)
+    out: dict[str, float] = {"merged": run.accuracy(base)}
     weights = [p.detach().clone() for p in weight_matrices(base)]
     generator = torch.Generator().manual_seed(10_000 + seed)
     with torch.no_grad():
@@ -448,7 +450,7 @@ def run_one(task: Task, method: str, sam_kwargs: dict | None, seed: int, noise: 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
 def accuracy_keys(records: list[dict]) -> list[str]:
-    keys = ["accuracy"] + sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
+    keys = ["accuracy", "merged"] + sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
     return [k for k in keys if k in records[0]]
 
 
@@ -515,8 +517,10 @@ def format_table(rows: list[dict]) -> str:
     for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in rows):
         group = [r for r in rows if r["task"] == task and r["noise"] == noise]
         noise_keys = sorted({k for r in group for k in r if k.startswith("noise_")})  # a run may lack some
+        control = ["merged"] if any("merged" in r for r in group) else []  # runs before the control lack it
         head = (
             "| method | seeds | held-out acc. (sd) | Δ vs AdamW [95% CI] | λ_max | SAM sharpness | "
+            + "acc. merged copy | " * len(control)
             + "".join(f"acc. σ={k[6:]} | " for k in noise_keys)
             + "acc. int8 | acc. 4-bit | Δ 4-bit vs AdamW [95% CI] | × AdamW step |"
         )
@@ -529,7 +533,7 @@ def format_table(rows: list[dict]) -> str:
                 _diff(r["accuracy"].get("diff")),
                 f"{r['hessian_top']['mean']:.3g}",
                 f"{r['sam_sharpness']['mean']:.3g}",
-                *[_pct(r[k]["mean"]) if k in r else "—" for k in noise_keys],
+                *[_pct(r[k]["mean"]) if k in r else "—" for k in control + noise_keys],
                 _pct(r["int8"]["mean"]) if "int8" in r else "—",
                 _pct(r["int4"]["mean"]) if "int4" in r else "—",
                 _diff(r["int4"].get("diff")) if "int4" in r else "—",

@@ -19,8 +19,9 @@ def test_quick_digits_run_writes_every_measure(tmp_path, capsys):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in ("adamw", "sam", "late_sam") for s in (0, 1)}
     for r in runs:
-        for key in ("accuracy", "noise_0.1", "int8", "int4"):
+        for key in ("accuracy", "merged", "noise_0.1", "int8", "int4"):
             assert 0.0 <= r[key] <= 1.0, (key, r)
+        assert r["merged"] == r["accuracy"]  # a full-precision model without adapters: the copy is the same model
         assert r["hessian_top"] > 0 and r["step_cpu_s"] > 0 and r["sam_sharpness"] == pytest.approx(r["sam_sharpness"])
     assert next(r for r in runs if r["method"] == "sam")["sam_kwargs"] == {"sam_rho": 0.1}
     rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
@@ -81,6 +82,10 @@ def test_table_shows_a_dash_for_a_measure_a_run_did_not_take():
     assert "acc. σ=0.1 |" in table
     assert "| adamw | 2 | 50.0 (0.0) | — | 1 | 0.1 | 40.0 |" in table
     assert "| sam | 2 | 60.0 (0.0) | +10.0 [+10.0, +10.0] | 1 | 0.1 | — |" in table
+    assert "merged copy" not in table  # the control column appears only where a run measured it
+    table = bench.format_table(bench.summarize([dict(r, merged=0.45) for r in base] + other))
+    assert "| adamw | 2 | 50.0 (0.0) | — | 1 | 0.1 | 45.0 | 40.0 |" in table
+    assert "| sam | 2 | 60.0 (0.0) | +10.0 [+10.0, +10.0] | 1 | 0.1 | — | — |" in table
 
 
 def test_tables_list_methods_in_the_scripts_order_whatever_the_merge_order():
@@ -127,5 +132,6 @@ def test_robustness_measures_the_perturbed_copy_of_a_trl_trained_lora_model(tmp_
     # model that runs (through TRL's patched forward the copy ran the original weights: 0.02% from the unmerged
     # adapters' rounding).
     assert measured["noise_0.5"] != pytest.approx(clean, rel=1e-2)
+    assert measured["merged"] == pytest.approx(clean, rel=1e-3)  # the control: merging alone changes ~nothing
     with torch.no_grad():
         assert torch.equal(trainer.model(input_ids=x).logits, before)  # and never the trained model
