@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder
-from conftest import sgd_args  # noqa: E402
+from conftest import end_process_group, sgd_args  # noqa: E402
 from test_fidelity import BatchNormRegressor, regression_data  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
@@ -48,6 +48,7 @@ def main() -> None:
         trainer.train()
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         torch.save(state, out / f"{name}.rank{trainer.args.process_index}.pt")
+    end_process_group()
 
 
 if __name__ == "__main__":

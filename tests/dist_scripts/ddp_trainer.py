@@ -21,7 +21,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
-from conftest import base_args, lm_dataset, tiny_llama  # noqa: E402
+from conftest import base_args, end_process_group, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam import SAMMixin, SAMTrainingArguments  # noqa: E402
 
@@ -180,6 +180,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for name in a.runs:
         run(name, a.out, world_size, a.global_batch, a.accumulation_steps, a.steps)
+    end_process_group()
 
 
 if __name__ == "__main__":

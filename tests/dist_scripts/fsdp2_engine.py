@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
-from conftest import lm_dataset, tiny_llama  # noqa: E402
+from conftest import end_process_group, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam.distributed import gradient_sync  # noqa: E402
 from hf_sam.perturbation import WeightBackup, perturb_, restore_  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> None:
     results["sync-switch"] = sync_switch()
     if rank == 0:
         torch.save(results, out / "fsdp2.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

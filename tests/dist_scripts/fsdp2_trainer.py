@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
-from conftest import lm_dataset, tiny_llama  # noqa: E402
+from conftest import end_process_group, lm_dataset, tiny_llama  # noqa: E402
 from ddp_trainer import training_arguments  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
@@ -112,6 +112,7 @@ def main() -> None:
     messages = refusals(out, world_size)
     if int(os.environ["RANK"]) == 0:
         (out / "refusals.json").write_text(json.dumps(messages, indent=1))
+    end_process_group()
 
 
 if __name__ == "__main__":
