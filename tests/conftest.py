@@ -101,20 +101,6 @@ def assert_learning_rate_zero_never_changes_the_weights(training_kwargs: dict, s
         assert torch.equal(v, before[k]), k
 
 
-def end_process_group() -> None:
-    """End a launched script (tests/dist_scripts) once its results are written: wait for every rank, destroy the
-    process group and leave without interpreter finalization. Under load gloo aborted at exit after all the work was
-    done ("terminate called without an active exception", SIGABRT), even after `destroy_process_group`
-    (fsdp2_engine.py: 1 run in 6 at load 2): gloo's worker threads can still hold tensors whose release needs the
-    interpreter being torn down (pytorch/pytorch#179291). `os._exit` skips that teardown; files written are closed."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def load_benchmark_script(name: str) -> ModuleType:
     """Import `benchmarks/<name>.py` (a script, not a package) as the module `name`."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")

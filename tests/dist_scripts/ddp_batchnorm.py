@@ -17,7 +17,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder
-from conftest import end_process_group, sgd_args  # noqa: E402
+from _process_group import end_process_group  # noqa: E402
+from conftest import sgd_args  # noqa: E402
 from test_fidelity import BatchNormRegressor, regression_data  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402

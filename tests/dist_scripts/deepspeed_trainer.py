@@ -37,6 +37,7 @@ from _deepspeed_setup import (  # noqa: E402
     training_kwargs,
     zero_holds_no_gradient,
 )
+from _process_group import end_process_group  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_sam import SAMMixin, SAMTrainingArguments  # noqa: E402
@@ -329,8 +330,7 @@ def main() -> None:
         reset_accelerate_state()
     if a.refusals:
         refusals(a.out, world_size)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a clean exit: without it gloo aborted at exit once in three runs
+    end_process_group()  # a clean exit: without it gloo aborted at exit once in three runs
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
-from conftest import end_process_group, lm_dataset, tiny_llama  # noqa: E402
+from _process_group import end_process_group  # noqa: E402
+from conftest import lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam.distributed import gradient_sync  # noqa: E402
 from hf_sam.perturbation import WeightBackup, perturb_, restore_  # noqa: E402
