@@ -487,7 +487,13 @@ def summarize(records: list[dict]) -> list[dict]:
                 "sd": statistics.stdev(values) if len(values) > 1 else float("nan"),
                 "values": values,
             }
-            if key in accuracy_keys(runs) and method != BASELINE and base_runs:
+            # a difference only where the baseline measured the key too (runs before the merged-copy control lack it)
+            if (
+                key in accuracy_keys(runs)
+                and method != BASELINE
+                and base_runs
+                and all(key in b for b in base_runs.values())
+            ):
                 row[key]["diff"] = paired({r["seed"]: r[key] for r in runs}, {s: b[key] for s, b in base_runs.items()})
         costs = [r["step_cpu_s"] / base_runs[r["seed"]]["step_cpu_s"] for r in runs if r["seed"] in base_runs]
         row["cost_x_adamw"] = statistics.fmean(costs) if costs else float("nan")

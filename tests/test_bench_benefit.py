@@ -86,6 +86,9 @@ def test_table_shows_a_dash_for_a_measure_a_run_did_not_take():
     table = bench.format_table(bench.summarize([dict(r, merged=0.45) for r in base] + other))
     assert "| adamw | 2 | 50.0 (0.0) | — | 1 | 0.1 | 45.0 | 40.0 |" in table
     assert "| sam | 2 | 60.0 (0.0) | +10.0 [+10.0, +10.0] | 1 | 0.1 | — | — |" in table
+    rows = bench.summarize(base + [dict(r, merged=0.6) for r in other])  # a measure the baseline did not take
+    sam = next(r for r in rows if r["method"] == "sam")
+    assert sam["merged"]["mean"] == 0.6 and "diff" not in sam["merged"] and "diff" in sam["accuracy"]
 
 
 def test_tables_list_methods_in_the_scripts_order_whatever_the_merge_order():
