@@ -480,7 +480,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "method": method,
             "seeds": sorted(r["seed"] for r in runs),
         }
-        for key in accuracy_keys(runs) + ["hessian_top", "sam_sharpness", "train_slice_loss"]:
+        accuracies = accuracy_keys(runs)
+        for key in accuracies + ["hessian_top", "sam_sharpness", "train_slice_loss"]:
             values = [r[key] for r in runs]
             row[key] = {
                 "mean": statistics.fmean(values),
@@ -488,12 +489,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 "values": values,
             }
             # a difference only where the baseline measured the key too (runs before the merged-copy control lack it)
-            if (
-                key in accuracy_keys(runs)
-                and method != BASELINE
-                and base_runs
-                and all(key in b for b in base_runs.values())
-            ):
+            if key in accuracies and method != BASELINE and base_runs and all(key in b for b in base_runs.values()):
                 row[key]["diff"] = paired({r["seed"]: r[key] for r in runs}, {s: b[key] for s, b in base_runs.items()})
         costs = [r["step_cpu_s"] / base_runs[r["seed"]]["step_cpu_s"] for r in runs if r["seed"] in base_runs]
         row["cost_x_adamw"] = statistics.fmean(costs) if costs else float("nan")
