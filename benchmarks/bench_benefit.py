@@ -450,8 +450,10 @@ def run_one(task: Task, method: str, sam_kwargs: dict | None, seed: int, noise: 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
 def accuracy_keys(records: list[dict]) -> list[str]:
+    """The accuracy measures every run of the group took: a mean over fewer seeds than the row's would mislead, so a
+    measure some runs lack (extra seeds run without the robustness set) is left out of the row."""
     keys = ["accuracy", "merged"] + sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
-    return [k for k in keys if k in records[0]]
+    return [k for k in keys if all(k in r for r in records)]
 
 
 def paired(values: dict[int, float], base: dict[int, float]) -> dict[str, float]:

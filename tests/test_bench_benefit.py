@@ -89,6 +89,10 @@ def test_table_shows_a_dash_for_a_measure_a_run_did_not_take():
     rows = bench.summarize(base + [dict(r, merged=0.6) for r in other])  # a measure the baseline did not take
     sam = next(r for r in rows if r["method"] == "sam")
     assert sam["merged"]["mean"] == 0.6 and "diff" not in sam["merged"] and "diff" in sam["accuracy"]
+    # extra seeds run without the sweep: the sweep's column is left out for the group, not averaged over fewer seeds
+    extra = [dict(measured, task="t", noise=0.4, method="adamw", seed=s, accuracy=0.7) for s in (2, 3)]
+    adamw = next(r for r in bench.summarize(base + extra + other) if r["method"] == "adamw")
+    assert adamw["seeds"] == [0, 1, 2, 3] and "noise_0.1" not in adamw and adamw["int4"]["values"] == [0.5] * 4
 
 
 def test_tables_list_methods_in_the_scripts_order_whatever_the_merge_order():
