@@ -483,6 +483,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "seeds": sorted(r["seed"] for r in runs),
         }
         accuracies = accuracy_keys(runs)
+        # a difference only for measures the baseline took too (runs before the merged-copy control lack it)
+        compared = set(accuracy_keys(list(base_runs.values()))) if base_runs and method != BASELINE else set()
         for key in accuracies + ["hessian_top", "sam_sharpness", "train_slice_loss"]:
             values = [r[key] for r in runs]
             row[key] = {
@@ -490,8 +492,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 "sd": statistics.stdev(values) if len(values) > 1 else float("nan"),
                 "values": values,
             }
-            # a difference only where the baseline measured the key too (runs before the merged-copy control lack it)
-            if key in accuracies and method != BASELINE and base_runs and all(key in b for b in base_runs.values()):
+            if key in compared:
                 row[key]["diff"] = paired({r["seed"]: r[key] for r in runs}, {s: b[key] for s, b in base_runs.items()})
         costs = [r["step_cpu_s"] / base_runs[r["seed"]]["step_cpu_s"] for r in runs if r["seed"] in base_runs]
         row["cost_x_adamw"] = statistics.fmean(costs) if costs else float("nan")
