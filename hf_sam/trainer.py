@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from .config import SAMArguments, SAMConfig
@@ -50,6 +49,7 @@ from .metrics import SAMMetrics
 from .model_card import add_sam_to_model_card
 from .perturbation import WeightBackup, perturb_, restore_
 from .rng import RNGState, capture_rng_state, restore_rng_state
+from .setup_checks import check_before_setup, fused_backward_optimizer_reason
 from .side_effects import restore_bookkeeping, restore_buffers, save_buffers, snapshot_bookkeeping
 from .variants import VARIANTS, SAMVariant, leading_fraction, sam_step_index, scheduled_rho
 
@@ -58,9 +58,6 @@ logger = logging.get_logger(__name__)
 __all__ = ["SAM_STATE_NAME", "SAMMixin", "SAMTrainer", "enable_sam"]
 
 SAM_STATE_NAME = "sam_state.pt"
-
-# Optimizers that update the weights inside `backward`: SAM's second pass would step at the perturbed weights.
-_FUSED_BACKWARD_OPTIMIZERS = {OptimizerNames.LOMO, OptimizerNames.ADALOMO}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +87,13 @@ class SAMMixin:
 
     def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
         # Before the parent's constructor: it may load models or start a generation server.
-        _check_before_setup(type(self), sam_config)
+        check_before_setup(type(self), sam_config)
         super().__init__(*args, **kwargs)
         self._sam_setup(sam_config)
 
     def _sam_setup(self, sam_config: SAMConfig | None) -> None:
         """Everything SAM adds to a constructed Trainer; `enable_sam` calls it on a Trainer built elsewhere (both
-        have run `_check_before_setup`)."""
+        have run `check_before_setup`)."""
         self._sam_explicit_config = sam_config
         self._sam_variant: SAMVariant | None = None
         self._sam_refresh_config()
@@ -123,12 +120,9 @@ class SAMMixin:
         reason = unsupported_setup_reason(self)
         if reason is not None:
             raise ValueError(reason)
-        if self.args.optim in _FUSED_BACKWARD_OPTIMIZERS:
-            raise ValueError(
-                f"`optim={self.args.optim.value!r}` updates the weights inside `backward`, so SAM's second pass would "
-                "step at the perturbed weights. Use an optimizer that steps after `backward`, e.g. `adamw_torch`, "
-                "`sgd` or `adafactor`."
-            )
+        reason = fused_backward_optimizer_reason(self.args.optim)
+        if reason is not None:
+            raise ValueError(reason)
         self._sam_variant.check_setup(self)
 
     def _sam_begin_run(self) -> None:
@@ -380,35 +374,6 @@ class SAMMixin:
             logger.warning(f"No SAM state in {checkpoint} (a checkpoint from a plain Trainer?): starting it afresh.")
 
 
-# Trainers whose `training_step` generates completions and scores them (TRL's online methods): the perturbed pass
-# would generate anew and call the reward functions again, training on a different batch.
-_GENERATING_TRAINERS = {"GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "XPOTrainer", "NashMDTrainer", "PPOTrainer"}
-_GENERATING_METHODS = ("_generate_and_score_completions", "_generate", "generate_on_policy_outputs")
-
-
-def _generating_trainer_reason(cls: type) -> str | None:
-    """Why SAM refuses this Trainer class (it generates inside `training_step`), or `None`."""
-    for base in cls.__mro__:
-        generates = base.__name__ in _GENERATING_TRAINERS or any(m in vars(base) for m in _GENERATING_METHODS)
-        if generates and base.__module__.split(".")[0] != "hf_sam":
-            return (
-                f"SAM does not support `{cls.__name__}`: it generates completions inside `training_step` (through "
-                f"`{base.__name__}`), so SAM's perturbed pass would generate and score new completions and train on a "
-                "different batch. Supported: trainers whose `training_step` is one forward-backward on the given "
-                "batch: `Trainer`, `Seq2SeqTrainer` and TRL's SFT, DPO, Reward, KTO and ORPO trainers."
-            )
-    return None
-
-
-def _check_before_setup(cls: type, sam_config: Any) -> None:
-    """What can be refused before a SAM trainer is set up: the type of `sam_config`, a generating trainer class."""
-    if sam_config is not None and not isinstance(sam_config, SAMConfig):
-        raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
-    refusal = _generating_trainer_reason(cls)
-    if refusal is not None:
-        raise ValueError(refusal)
-
-
 _SAM_CLASSES: dict[type, type] = {}
 
 
@@ -430,7 +395,7 @@ def enable_sam(trainer: Trainer, sam_config: SAMConfig | None = None) -> Trainer
     Raises:
         `ValueError`: as `SAMMixin` does (an unsupported setup or trainer), or when `trainer` already has SAM.
     """
-    _check_before_setup(type(trainer), sam_config)
+    check_before_setup(type(trainer), sam_config)
     if isinstance(trainer, SAMMixin):
         raise ValueError(f"`{type(trainer).__name__}` already trains with SAM; `enable_sam` takes a plain Trainer.")
     if not isinstance(trainer, Trainer):
