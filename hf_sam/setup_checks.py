@@ -26,16 +26,27 @@ def fused_backward_optimizer_reason(optim: Any) -> str | None:
     )
 
 
-# Trainers whose `training_step` generates completions and scores them (TRL's online methods): the perturbed pass
-# would generate anew and call the reward functions again, training on a different batch.
-_GENERATING_TRAINERS = {"GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "XPOTrainer", "NashMDTrainer", "PPOTrainer"}
-_GENERATING_METHODS = ("_generate_and_score_completions", "_generate", "generate_on_policy_outputs")
+# Trainers whose `training_step` generates completions and scores them (TRL's online methods and on-policy
+# distillation): the perturbed pass would generate anew and call the reward functions again, training on a different
+# batch. Caught by name (TRL's XPO, Nash-MD and PPO, which TRL 1.16 no longer ships), or by defining a method whose
+# name starts with one of `_GENERATING_METHODS`: `_generate`, `_generate_and_score_completions` (GRPO, RLOO,
+# distillation), `_generate_student_completions` (IW-OPD), `generate_on_policy_outputs` (GKD, GOLD), ...
+_GENERATING_TRAINERS = {
+    "GRPOTrainer",
+    "RLOOTrainer",
+    "OnlineDPOTrainer",
+    "XPOTrainer",
+    "NashMDTrainer",
+    "PPOTrainer",
+    "GKDTrainer",
+}
+_GENERATING_METHODS = ("_generate", "generate_on_policy_outputs")
 
 
 def generating_trainer_reason(cls: type) -> str | None:
     """Why SAM refuses this Trainer class (it generates inside `training_step`), or `None`."""
     for base in cls.__mro__:
-        generates = base.__name__ in _GENERATING_TRAINERS or any(m in vars(base) for m in _GENERATING_METHODS)
+        generates = base.__name__ in _GENERATING_TRAINERS or any(m.startswith(_GENERATING_METHODS) for m in vars(base))
         if generates and base.__module__.split(".")[0] != "hf_sam":
             return (
                 f"SAM does not support `{cls.__name__}`: it generates completions inside `training_step` (through "
