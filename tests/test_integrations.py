@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hf_sam import SAMConfig
-from hf_sam.integrations import SAM_KEYS, check_sam_keys, sam_config_from_keys
+from hf_sam.integrations import SAM_KEYS, check_sam_keys, sam_config_from_keys, unknown_sam_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -53,7 +53,11 @@ def test_sam_config_from_keys_reads_sam_keys_and_keeps_defaults():
     [
         ({"sam_rho": -1.0}, r"the test config: `rho` \(`--sam_rho`\) must be a finite number > 0, got -1.0"),
         ({"sam_method": "sharp"}, r"`method` \(`--sam_method`\) must be one of 'sam', .*, got 'sharp'"),
-        ({"sam_rhoo": 0.1}, r"Unknown SAM setting\(s\) sam_rhoo in the test config; valid keys: sam_rho, "),
+        (
+            {"sam_rhoo": 0.1},
+            r"^Unknown SAM setting in the test config: `sam_rhoo` \(did you mean `sam_rho`\?\)\. Valid keys \(the "
+            r"fields of `hf_sam\.SAMArguments`, described in the README's Settings and in docs/api\.md\): sam_rho, ",
+        ),
     ],
 )
 def test_sam_config_from_keys_errors_name_the_field_and_the_valid_values(keys, expected):
@@ -63,6 +67,59 @@ def test_sam_config_from_keys_errors_name_the_field_and_the_valid_values(keys, e
 
 def test_check_sam_keys_ignores_other_keys():
     check_sam_keys(["learning_rate", "sample_packing", "sam_rho", 3], "cfg")
+
+
+VALID_KEYS_TAIL = (
+    " Valid keys (the fields of `hf_sam.SAMArguments`, described in the README's Settings and in docs/api.md): "
+    + ", ".join(SAM_KEYS)
+    + "."
+)
+
+
+@pytest.mark.parametrize(
+    ("key", "closest"),
+    [
+        ("sam_rhoo", "sam_rho"),  # a typo
+        ("sam-rho", "sam_rho"),  # hyphens, as in command-line flags
+        ("sam-looksam-interval", "sam_looksam_interval"),
+        ("SAM_ADAPTIVE", "sam_adaptive"),
+        ("sam_rho_scheduel", "sam_rho_schedule"),
+        ("sam_acumulation", "sam_accumulation"),
+        ("sam_functional_grad_type", "sam_functional_grad_dtype"),
+    ],
+)
+def test_misspelled_sam_key_is_refused_naming_the_closest_valid_key(key, closest):
+    assert closest in SAM_KEYS
+    config = {"learning_rate": 1e-3, "sample_packing": True, key: 0.1}
+    with pytest.raises(ValueError) as info:
+        sam_config_from_keys(config, "the Axolotl config")
+    assert str(info.value) == (
+        f"Unknown SAM setting in the Axolotl config: `{key}` (did you mean `{closest}`?)." + VALID_KEYS_TAIL
+    )
+
+
+def test_unknown_sam_keys_are_all_named_and_others_left_alone():
+    keys = ["sam-rho", "sam_zzzzzzzz", "sam_rho", "sample_packing", "samples", "sam", "rho", "SAM-ETA", 7]
+    assert unknown_sam_keys(keys) == {"SAM-ETA": "sam_eta", "sam-rho": "sam_rho", "sam_zzzzzzzz": None}
+    with pytest.raises(ValueError) as info:
+        check_sam_keys(keys, "the LLaMA-Factory config")
+    assert str(info.value) == (
+        "Unknown SAM settings in the LLaMA-Factory config: `SAM-ETA` (did you mean `sam_eta`?), `sam-rho` (did you "
+        "mean `sam_rho`?), `sam_zzzzzzzz`." + VALID_KEYS_TAIL
+    )
+    # Every valid key, under its own name, passes; so does a config without SAM keys.
+    check_sam_keys(SAM_KEYS, "cfg")
+    check_sam_keys({"learning_rate": 1e-3, "sample_packing": True}, "cfg")
+
+
+def test_errors_page_shows_the_misspelled_key_message():
+    """docs/errors.md quotes the message for `sam_rhoo: 0.1` in an Axolotl config; it is the one the code raises."""
+    page = (ROOT / "docs" / "errors.md").read_text()
+    section = page.split("\n## Framework configs\n", 1)[1]
+    quoted = section.split("```text\n", 1)[1].split("\n```", 1)[0]
+    with pytest.raises(ValueError) as info:
+        check_sam_keys({"sam_rhoo": 0.1}, "the Axolotl config")
+    assert quoted == str(info.value)
 
 
 # ---- LLaMA-Factory launcher: everything it checks before importing LLaMA-Factory ------------------------------------
@@ -76,6 +133,10 @@ def test_check_sam_keys_ignores_other_keys():
         ),
         ({"stage": "sft", "use_ray": True}, r"`use_ray` in the LLaMA-Factory config"),
         ({"stage": "sft", "use_mca": True}, r"`use_mca`"),
+        (
+            {"stage": "sft", "sam-rho": 0.1},
+            r"^Unknown SAM setting in the LLaMA-Factory config: `sam-rho` \(did you mean `sam_rho`\?\)",
+        ),
     ],
 )
 def test_llamafactory_launcher_refuses_before_training(args, expected):
@@ -113,8 +174,10 @@ def test_axolotl_args_validation():
     assert SAMAxolotlArgs(sam_rho="1e-3").sam_rho == 1e-3  # YAML 1.1 reads 1e-3 as a string
     with pytest.raises(ValidationError, match=r"`rho` \(`--sam_rho`\) must be a finite number > 0"):
         SAMAxolotlArgs(sam_rho=0)
-    with pytest.raises(ValidationError, match="Unknown SAM setting"):
+    with pytest.raises(ValidationError, match=r"Unknown SAM setting in the Axolotl config: `sam_rhoo` \(did you"):
         SAMAxolotlArgs(sam_rhoo=0.1)
+    with pytest.raises(ValidationError, match=r"`sam-rho` \(did you mean `sam_rho`\?\)"):
+        SAMAxolotlArgs.model_validate({"sam-rho": 0.1})
 
 
 # ---- end to end in the framework venvs (slow) -----------------------------------------------------------------------
@@ -232,7 +295,11 @@ def test_axolotl_config_validation_in_axolotl(tmp_path):
         "good": (AXOLOTL_SAM + "sam_rho: 1e-3\nsam_adaptive: true\n", None),
         "bad_rho": (AXOLOTL_SAM + "sam_rho: -1\n", r"`rho` (`--sam_rho`) must be a finite number > 0, got -1.0"),
         "bad_method": (AXOLOTL_SAM + "sam_method: sharp\n", "`method` (`--sam_method`) must be one of 'sam', "),
-        "typo": (AXOLOTL_SAM + "sam_rhoo: 0.1\n", "Unknown SAM setting(s) sam_rhoo in the Axolotl config"),
+        "typo": (
+            AXOLOTL_SAM + "sam_rhoo: 0.1\n",
+            "Unknown SAM setting in the Axolotl config: `sam_rhoo` (did you mean `sam_rho`?). Valid keys (the fields",
+        ),
+        "hyphen": (AXOLOTL_SAM + "sam-rho: 0.1\n", "`sam-rho` (did you mean `sam_rho`?). Valid keys (the fields"),
         "no_plugin": ("sam_rho: 0.1\n", None),
     }
     paths = [str(_axolotl_config(tmp_path, tiny, name, extra)) for name, (extra, _) in cases.items()]
@@ -308,3 +375,21 @@ def test_llamafactory_end_to_end(tmp_path):
         outputs[name] = _run([*command, str(config), *overrides], tmp_path, env)
     assert all("Gradient checkpointing enabled" in output for output in outputs.values())
     _check_runs(outputs, {name: tmp_path / name for name in commands})
+
+
+@pytest.mark.slow
+def test_llamafactory_misspelled_sam_key_stops_before_training(tmp_path):
+    venv = _framework_venv("llamafactory")
+    # ALLOW_EXTRA_ARGS=1: LLaMA-Factory's own parser then ignores unknown keys, so without the launcher's check
+    # `sam-rho` would be ignored silently (measured: 4 steps at the default rho 0.05 instead of the 0.1 asked for).
+    env = _env(venv, DISABLE_VERSION_CHECK="1", ALLOW_EXTRA_ARGS="1")
+    tiny = _tiny_llm(venv, tmp_path, env)
+    config = tmp_path / "typo.yaml"
+    out = tmp_path / "typo"
+    config.write_text(LLAMAFACTORY_CONFIG.format(model=tiny / "model", data=tiny / "data", out=out) + "sam-rho: 0.1\n")
+    command = [str(venv / "bin" / "python"), "-m", "hf_sam.integrations.llamafactory", str(config)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-6000:]
+    assert "ValueError: Unknown SAM setting in the LLaMA-Factory config: `sam-rho` (did you mean `sam_rho`?)" in output
+    assert not _logged_metrics(output) and not out.exists()  # nothing trained
