@@ -34,7 +34,7 @@ from transformers import (
     AutoModelForImageClassification,
     HfArgumentParser,
     Trainer,
-    ViTImageProcessor,
+    ViTImageProcessorPil,
     set_seed,
 )
 
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
             tiny_image_config(model_args.model_type, model_args.image_size, labels)
         )
         size = model_args.image_size
-        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=0.5, image_std=0.5)
+        # The PIL processor: `ViTImageProcessor` is the torchvision one, and without torchvision transformers falls
+        # back to this class with a warning; named directly, the pixels do not depend on whether torchvision is there.
+        image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=0.5, image_std=0.5)
 
     def transforms(example_batch):
         images = [image.convert("RGB") for image in example_batch[data_args.image_column_name]]

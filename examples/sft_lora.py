@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import TrainingArguments
 from trl import ModelConfig
 
 from hf_sam.trl import SAMSFTConfig
@@ -48,8 +49,16 @@ class LoraModelConfig(ModelConfig):
 
 @dataclass
 class SFTSAMConfig(SAMSFTConfig):
-    # TRL turns it on; on CPU with a small model recomputing activations costs more than it saves
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    # TRL turns activation checkpointing on (`gradient_checkpointing=True`); on CPU with a small model recomputing
+    # activations costs more than it saves, so here it is off unless asked for. Recent transformers (5.25.0 here) name
+    # it `activation_checkpointing`, and setting the old name warns: there the old name gets transformers' own default
+    # back (unset: off). transformers 5.10.1, the lowest supported version, knows the old name only.
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        gradient_checkpointing: bool | None = field(
+            default=None, metadata={"help": "Deprecated alias of `--activation_checkpointing`."}
+        )
+    else:
+        gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
 
 
 def main(script_args, training_args, model_args, dataset_args, example_args):
