@@ -12,7 +12,9 @@ Two parts, both AdamW next to SAM with the same seed, data, data order, initiali
 
 It prints both tables and a verdict for each (a gain, or a difference inside the noise), and writes `results.json`
 and `training_curves.png` under `--output_dir` (default `outputs/demo`), with each language-model run's adapter and
-metrics in a subdirectory. About 15 minutes on 2 CPU cores.
+metrics in a subdirectory (`adamw/`, `sam/`) and the held-out prompts beside them as `heldout.jsonl`, the file
+`hf-sam sharpness` and `hf-sam landscape` take as `--data` (docs/analysis.md). 7 min 8 s on 2 idle CPU cores
+(docs/examples/demo.md).
 
 Example:
     ```bash
@@ -203,6 +205,7 @@ def lm_part(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
         args=run_args(opts, out / "adamw", use_sam=False)
     )
     test = reverse_task_conversations(example_args, training_args.seed)["test"]
+    heldout = write_heldout(test, out / "heldout.jsonl")
     base_model = AutoModelForCausalLM.from_pretrained(smollm2_path())
     t0 = time.perf_counter()
     base_em, base_records = held_out_exact_match(base_model, AutoTokenizer.from_pretrained(smollm2_path()), test,
@@ -226,7 +229,22 @@ def lm_part(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
                 "runtime_s": metrics.get("train_runtime_s", 0) + metrics.get("eval_generation_runtime_s", 0),
             }
         )
-    return {"runs": runs, "table": rows, "base_examples": base_records[:5]}
+    return {"runs": runs, "table": rows, "base_examples": base_records[:5], "heldout_file": str(heldout)}
+
+
+def write_heldout(test: Any, path: Path) -> Path:
+    """The held-out prompts and answers as `{"prompt", "completion"}` lines of plain text, for `hf-sam --data`.
+
+    The runs are trained and scored through the chat template (with the system prompt): measure them with
+    `--chat-template --system-prompt ...`, which builds the same turns from these lines.
+    """
+    from _common import _text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for prompt, completion in zip(test["prompt"], test["completion"]):
+            f.write(json.dumps({"prompt": _text(prompt), "completion": _text(completion)}) + "\n")
+    return path
 
 
 def lm_reading(opts: argparse.Namespace, lm: dict[str, Any]) -> str:
@@ -261,6 +279,7 @@ def plot_curves(lm: dict[str, Any] | None, image: dict[str, Any], path: Path) ->
     for method, color in (("adamw", "tab:blue"), ("sam", "tab:orange")):
         recs = [r for r in image["records"] if r["method"] == method]
         ax.plot([r["seed"] for r in recs], [r["accuracy"] for r in recs], "o-", color=color, label=method)
+    ax.set_xticks(sorted({r["seed"] for r in image["records"]}))  # seeds are integers: no 0.5, 1.5 ticks
     ax.set_title("ResNet on digits, noisy labels: held-out accuracy per seed")
     ax.set_xlabel("seed")
     ax.set_ylabel("held-out accuracy")
@@ -295,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     bench = load_module(ROOT / "benchmarks" / "bench_benefit.py", "hf_sam_bench_benefit")
-    bench.WORKDIR = out / "image"
+    # the trainers' output_dir (nothing is saved there), a global of the module that holds the benchmark's tasks
+    getattr(bench, "benefit_tasks", bench).WORKDIR = out / "image"
 
     print(f"== part 1: ResNet on digits, {opts.image_noise:.0%} wrong training labels, AdamW vs SAM", flush=True)
     image = image_part(opts, bench)
@@ -317,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"held-out: {opts.eval_size} prompts with words never seen in training; exact match, greedy decoding")
         print(lm_reading(opts, lm))
     print(f"\ntotal time: {results['total_runtime_s']:.0f}s")
-    print(f"wrote {out / 'results.json'} and {out / 'training_curves.png'}")
+    written = [out / "results.json", out / "training_curves.png"] + ([lm["heldout_file"]] if lm else [])
+    print("wrote " + ", ".join(str(p) for p in written))
     return results
 
 
