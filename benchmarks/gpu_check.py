@@ -1,7 +1,8 @@
 """One-GPU check of hf_sam: SAM against the two-pass floor and a plain step, QLoRA, torch.compile, CUDA kernels.
 
 Needs one CUDA GPU; without one it exits at once with status 2. On the GPU it prints one table (and writes it to
-`<output_dir>/gpu_check.json`), in about 3 to 5 minutes on a recent data-centre GPU:
+`<output_dir>/gpu_check.json`), in an estimated 3 to 5 minutes on a recent data-centre GPU: an estimate, not a
+measurement, since the script has not yet run on any GPU. The rows:
 
 - `plain`, `floor`, `sam` in bf16 (autocast) and in fp16 with GradScaler (`fp16=True`): the rows of
   `benchmarks/bench_sam.py` (imported from it: the floor runs two forward-backward passes with no perturbation, the
@@ -16,7 +17,7 @@ Needs one CUDA GPU; without one it exits at once with status 2. On the GPU it pr
   bf16, and how many SAM adds to the floor: its perturbation and restore should be a few dozen `_foreach` kernels.
 
 Usage:
-    python benchmarks/gpu_check.py                                # everything, ~3-5 min
+    python benchmarks/gpu_check.py                                # everything (estimated 3-5 min, never timed)
     python benchmarks/gpu_check.py --skip qlora compile           # the precision rows and the kernel count only
     python benchmarks/gpu_check.py --steps 50 --batch_size 32 --output_dir outputs/gpu_check
 """
