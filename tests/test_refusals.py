@@ -40,6 +40,7 @@ LISTED = [
     "IWOPDTrainer",
     "SDFTTrainer",
     "SDPOTrainer",
+    "SSDTrainer",
 ]
 # One forward-backward on the given batch: supported, so never refused.
 NOT_GENERATING = ["SFTTrainer", "DPOTrainer", "RewardTrainer", "KTOTrainer", "ORPOTrainer"]
@@ -111,18 +112,26 @@ def test_trainer_that_does_not_generate_is_not_refused(name, module):
     check_before_setup(type(f"SAM{name}", (SAMMixin, cls), {}), SAMConfig(rho=0.05))
 
 
-def test_every_generating_trainer_of_the_installed_trl_is_checked():
-    """The list above covers every installed TRL trainer that defines a generation method; a new one fails here."""
-    covered = set(LISTED) | {"GMPOTrainer"}  # GMPO is a GRPOTrainer subclass
+def test_every_trl_trainer_with_a_generation_method_is_refused():
+    """Beyond the list: every trainer class of the installed TRL whose own body defines a generation method is refused
+    (TRL 1.15.0's `SSDTrainer`, with `_generate_completion_ids`, was caught only by the prefix rule)."""
+    from transformers import Trainer
+
     root = Path(trl.__file__).parent
-    generating = set()
-    for path in root.rglob("*.py"):
+    checked = []
+    for path in sorted(root.rglob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.ClassDef) and node.name.endswith("Trainer"):
-                methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)}
-                if any(m.startswith("_generate") or m == "generate_on_policy_outputs" for m in methods):
-                    generating.add(node.name)
-    assert generating <= covered, sorted(generating - covered)
+            if not (isinstance(node, ast.ClassDef) and node.name.endswith("Trainer")):
+                continue  # rollout workers and helpers (some need optional packages to import) are no trainers
+            methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)}
+            if any(m.startswith("_generate") or m == "generate_on_policy_outputs" for m in methods):
+                parts = path.relative_to(root.parent).with_suffix("").parts
+                module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+                cls = getattr(importlib.import_module(module), node.name)
+                if issubclass(cls, Trainer):
+                    checked.append(cls.__name__)
+                    assert generating_trainer_reason(cls) is not None, f"{module}.{cls.__name__}"
+    assert {"GRPOTrainer", "RLOOTrainer"} <= set(checked)  # the scan found TRL's trainers
 
 
 # ---- real trainers, where constructing one is cheap ----------------------------------------------------------------
