@@ -8,15 +8,12 @@ plain `Trainer`. Every check runs at construction time, before any weight change
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Literal
 
 from transformers import TrainingArguments
 
-from .distributed import deepspeed_config_reason
+from .deepspeed_support import deepspeed_arguments_reason
 from .validation import check_choice, check_fraction, check_int, check_number, require
 from .variants import VARIANTS
 
@@ -156,22 +153,6 @@ SAMConfig = make_dataclass(
 )
 
 
-def _deepspeed_config(value: object) -> dict | None:
-    """The DeepSpeed config that `TrainingArguments(deepspeed=...)` names (a dict, a JSON file or a base64-encoded
-    JSON string, as Accelerate's `HfDeepSpeedConfig` reads it), or `None` (unset, or for transformers to reject)."""
-    if not value:
-        return None
-    if isinstance(value, dict):
-        return value
-    try:
-        if os.path.isfile(str(value)):
-            with open(str(value), encoding="utf-8") as f:
-                return json.load(f)
-        return json.loads(base64.urlsafe_b64decode(str(value)).decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass
 class _CoreArguments:
     sam_rho: float = field(default=0.05, metadata={"help": _HELP["rho"]})
@@ -191,11 +172,10 @@ class _CoreArguments:
 
     def __post_init__(self) -> None:
         self.to_sam_config()  # validates every sam_* field before the base class does any work
-        deepspeed = _deepspeed_config(self.__dict__.get("deepspeed"))
-        if deepspeed is not None:  # without importing DeepSpeed; the trainer checks again, and the engine
-            reason = deepspeed_config_reason(deepspeed, self.to_sam_config(), fp16=bool(self.__dict__.get("fp16")))
-            if reason is not None:
-                raise ValueError(reason)
+        deepspeed = self.__dict__.get("deepspeed")
+        reason = deepspeed_arguments_reason(deepspeed, self.to_sam_config(), fp16=bool(self.__dict__.get("fp16")))
+        if reason is not None:
+            raise ValueError(reason)
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()

@@ -17,16 +17,11 @@ FSDP2 (`fully_shard`) is supported with `sync="global"`; its gradients are `DTen
 across the mesh (`perturbation.global_norm`) and the perturbation and the restore act on the local shards. With
 `accumulation="micro"` and gradient accumulation under FSDP2 every perturbed pass synchronises (2k reduce-scatters per
 step instead of k + 1), because FSDP2 keeps unsynchronised gradients inside the wrapper. Refused, each with its reason
-in the error: FSDP1, FSDP with `sync="local"`, FSDP with a variant that says it cannot run there
-(`fsdp_unsupported` in its module: LookSAM, Flat-LoRA).
+in the error: FSDP1, FSDP with `sync="local"`, FSDP with a variant that says it cannot run there (`fsdp_unsupported`
+in its module: LookSAM, Flat-LoRA, Functional-SAM, Momentum-SAM and Friendly SAM).
 
-DeepSpeed ZeRO stages 1 and 2 are supported (both sync and accumulation modes, fp32 or bf16; the mechanics are in
-`deepspeed_support.py`). Refused, each with its reason in the error: ZeRO stage 0 and 3, optimizer or parameter
-offload, fp16 (DeepSpeed's loss scaler), pipeline parallelism, MoE, tensor or sequence parallelism, DeepCompile,
-ZenFlow, and every `sam_method` but "sam" and `sam_preconditioner` but "none" (untested there). The DeepSpeed config
-is checked when the arguments are built (`deepspeed=`), when the trainer is built (also for `accelerate launch`), and
-the engine itself at the first step of every run. To a plain step's collectives under the same ZeRO stage, SAM adds one
-all-reduce of the full first-pass gradient per step with "global" and "exact", k with "micro", none with "local".
+`GradientSync` is the step engine's gradient-synchronisation strategy: this module's for one device, DDP and FSDP2;
+DeepSpeed ZeRO-1/2 has its own (`deepspeed_support.DeepSpeedSync`, where everything DeepSpeed lives).
 """
 
 from __future__ import annotations
@@ -44,14 +39,10 @@ from .variants import VARIANTS
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "DEEPSPEED_ENGINE_UNSUPPORTED",
-    "DEEPSPEED_FP16_UNSUPPORTED",
-    "DEEPSPEED_OFFLOAD_UNSUPPORTED",
-    "DEEPSPEED_PRECONDITIONER_UNSUPPORTED",
-    "DEEPSPEED_STAGE_UNSUPPORTED",
-    "DEEPSPEED_VARIANT_UNSUPPORTED",
-    "deepspeed_config_reason",
-    "deepspeed_engine_reason",
+    "FSDP1_UNSUPPORTED",
+    "FSDP_LOCAL_UNSUPPORTED",
+    "FSDP_VARIANT_UNSUPPORTED",
+    "GradientSync",
     "defers_unsynchronised_gradients",
     "gradient_sync",
     "unsupported_setup_reason",
@@ -60,50 +51,6 @@ __all__ = [
 _SUPPORTED = (
     "Supported: single device, DDP and FSDP2 (`fsdp_version: 2`, with `sam_sync='global'`) through `accelerate "
     "launch` or `torchrun`; a `device_map` placement counts as a single device; DeepSpeed with ZeRO stage 1 or 2."
-)
-
-# DeepSpeed: what was tested (tests/test_deepspeed.py, DeepSpeed 0.19.8), named in every DeepSpeed refusal.
-_DEEPSPEED_SUPPORTED = (
-    "Supported with DeepSpeed: ZeRO stage 1 or 2, fp32 or bf16, no offload, `sam_method='sam'` (SAM or ASAM), "
-    "through `accelerate launch` or `deepspeed=` in the arguments."
-)
-
-DEEPSPEED_STAGE_UNSUPPORTED = {
-    0: "SAM does not support DeepSpeed without ZeRO (`zero_optimization.stage` 0): its gradients live in "
-    "DeepSpeed's own accumulation buffers, a path not tested with SAM. Use stage 1 (the same replicated weights, "
-    f"optimizer states partitioned). {_DEEPSPEED_SUPPORTED}",
-    3: "SAM does not support DeepSpeed ZeRO-3 (`zero_optimization.stage` 3): it partitions the weights themselves "
-    "and gathers them inside `forward` with hooks on the model's submodules, which also reduce-scatter the gradients "
-    "in `backward`, so SAM can neither run its first pass outside the engine nor write the perturbation into the "
-    "weights between passes. Use stage 1 or 2, or FSDP2 (`fsdp_version: 2`) for sharded weights. "
-    f"{_DEEPSPEED_SUPPORTED}",
-}
-
-DEEPSPEED_OFFLOAD_UNSUPPORTED = (
-    "SAM does not support DeepSpeed offload (`zero_optimization.{key}.device` {device!r}): offloaded optimizer "
-    "steps and parameters were not tested with SAM's deferred step and in-place perturbation. Set the device to "
-    f"'none'. {_DEEPSPEED_SUPPORTED}"
-)
-
-DEEPSPEED_FP16_UNSUPPORTED = (
-    "SAM does not support DeepSpeed fp16 (`fp16.enabled` or `amp.enabled`; `fp16=True` or `--mixed_precision fp16` "
-    "set it): DeepSpeed's loss scaler scales the engine's backward, which SAM's first pass runs without, so small "
-    f"first-pass gradients could underflow (not tested). Use bf16 (`bf16=True`) or fp32. {_DEEPSPEED_SUPPORTED}"
-)
-
-DEEPSPEED_ENGINE_UNSUPPORTED = (
-    "SAM does not support DeepSpeed with {what}: SAM's passes were tested on ZeRO-1/2 data parallelism only "
-    f"(`DeepSpeedZeroOptimizer`, every rank holding all the weights). {_DEEPSPEED_SUPPORTED}"
-)
-
-DEEPSPEED_VARIANT_UNSUPPORTED = (
-    "`sam_method={method!r}` is not supported with DeepSpeed: untested there. Use `sam_method='sam'` (SAM or ASAM, "
-    "tested under ZeRO-1/2)."
-)
-
-DEEPSPEED_PRECONDITIONER_UNSUPPORTED = (
-    "`sam_preconditioner='adam'` is not supported with DeepSpeed: it reads Adam's second moments per whole "
-    "parameter, and ZeRO partitions the optimizer state. Use `sam_preconditioner='none'`."
 )
 
 FSDP1_UNSUPPORTED = (
@@ -185,105 +132,26 @@ def _fsdp_version(trainer: Any) -> int | None:
     return int(getattr(plugin, "fsdp_version", 1) or 1)
 
 
-def _enabled(value: Any, auto: bool) -> bool:
-    return bool(auto) if value == "auto" else bool(value)
-
-
-def deepspeed_config_reason(config: dict, sam_config: Any, fp16: bool = False) -> str | None:
-    """Why SAM refuses this DeepSpeed config (a dict as in `ds_config.json`), or `None`; without importing DeepSpeed.
-
-    Args:
-        config (`dict`): The DeepSpeed config.
-        sam_config (`SAMConfig`): The SAM settings.
-        fp16 (`bool`): What a `"auto"` value of `fp16.enabled` stands for (`TrainingArguments.fp16`).
-    """
-    zero = config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    stage = int(stage) if str(stage).isdigit() else stage
-    if stage not in (1, 2):
-        return DEEPSPEED_STAGE_UNSUPPORTED.get(stage, DEEPSPEED_STAGE_UNSUPPORTED[3])
-    for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if device not in (None, "none"):
-            return DEEPSPEED_OFFLOAD_UNSUPPORTED.format(key=key, device=device)
-    if _enabled((config.get("fp16") or {}).get("enabled", False), fp16) or (config.get("amp") or {}).get("enabled"):
-        return DEEPSPEED_FP16_UNSUPPORTED
-    what = None
-    if zero.get("zenflow"):
-        what = "ZenFlow (`zero_optimization.zenflow`)"
-    elif (config.get("compile") or {}).get("deepcompile"):
-        what = "DeepCompile (`compile.deepcompile`)"
-    elif int((config.get("tensor_parallel") or {}).get("autotp_size", 1) or 1) > 1:
-        what = "tensor parallelism (`tensor_parallel.autotp_size` > 1)"
-    elif int(config.get("sequence_parallel_size", 1) or 1) > 1:
-        what = "sequence parallelism (`sequence_parallel_size` > 1)"
-    elif config.get("pipeline"):
-        what = "pipeline parallelism (`pipeline`)"
-    if what is not None:
-        return DEEPSPEED_ENGINE_UNSUPPORTED.format(what=what)
-    if sam_config.method != "sam":
-        return DEEPSPEED_VARIANT_UNSUPPORTED.format(method=sam_config.method)
-    if sam_config.preconditioner != "none":
-        return DEEPSPEED_PRECONDITIONER_UNSUPPORTED
-    return None
-
-
-def deepspeed_engine_reason(engine: Any) -> str | None:
-    """Why SAM refuses this prepared `DeepSpeedEngine`, or `None`: checked at the first step of every run, since an
-    engine can differ from its config (a `PipelineModule`, MoE layers, a client optimizer, process groups).
-
-    Besides public engine methods it reads the engine's undocumented attributes `pipeline_parallelism`,
-    `has_moe_layers`, `dp_world_size` and `zenflow` (DeepSpeed 0.19.8; docs/concepts.md lists them), and requires the
-    optimizer wrapper SAM was tested with, `DeepSpeedZeroOptimizer`, whatever those attributes say.
-    """
-    stage = engine.zero_optimization_stage()
-    if stage not in (1, 2):
-        return DEEPSPEED_STAGE_UNSUPPORTED.get(stage, DEEPSPEED_STAGE_UNSUPPORTED[3])
-    for key in ("offload_optimizer", "offload_param"):
-        offload = getattr(engine, f"zero_{key}")()
-        device = getattr(getattr(offload, "device", None), "value", getattr(offload, "device", None))
-        if device not in (None, "none"):
-            return DEEPSPEED_OFFLOAD_UNSUPPORTED.format(key=key, device=device)
-    if engine.fp16_enabled() or getattr(engine, "amp_enabled", lambda: False)():
-        return DEEPSPEED_FP16_UNSUPPORTED
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    what = None
-    if getattr(engine, "pipeline_parallelism", False):
-        what = "pipeline parallelism (a `PipelineModule`)"
-    elif getattr(engine, "has_moe_layers", False):
-        what = "MoE layers"
-    elif getattr(engine, "dp_world_size", world_size) != world_size:
-        what = f"a data-parallel group of {engine.dp_world_size} of the {world_size} processes (model parallelism)"
-    elif getattr(engine, "is_deepcompile_enabled", lambda: False)():
-        what = "DeepCompile"
-    elif getattr(engine, "zenflow", False):
-        what = "ZenFlow"
-    elif type(engine.optimizer).__name__ != "DeepSpeedZeroOptimizer":
-        what = f"the optimizer wrapper `{type(engine.optimizer).__name__}`"
-    return None if what is None else DEEPSPEED_ENGINE_UNSUPPORTED.format(what=what)
-
-
-def unsupported_setup_reason(trainer: Any) -> str | None:
+def unsupported_setup_reason(trainer: Any, sam_config: Any) -> str | None:
     """Why SAM cannot run with this Trainer's distributed setup, or `None` when it can.
 
     Args:
-        trainer: A Trainer with a `sam_config`, after `Trainer.__init__` (it reads `is_deepspeed_enabled` and the
-            Accelerator's DeepSpeed and FSDP plugins).
+        trainer: A Trainer after `Trainer.__init__` (it reads `is_deepspeed_enabled` and the Accelerator's DeepSpeed
+            and FSDP plugins).
+        sam_config (`SAMConfig`): The SAM settings.
 
     Returns:
-        `str | None`: the message of the `ValueError` that the mixin raises at construction.
+        `str | None`: the message of the `ValueError` that SAM raises at construction.
     """
     if getattr(trainer, "is_deepspeed_enabled", False):
-        # The config as Accelerate's plugin holds it: from `deepspeed=` in the arguments or from `accelerate launch`.
-        plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
-        config = getattr(plugin, "deepspeed_config", None) or {}
-        return deepspeed_config_reason(config, trainer.sam_config, fp16=bool(getattr(trainer.args, "fp16", False)))
+        from .deepspeed_support import deepspeed_setup_reason
+
+        return deepspeed_setup_reason(trainer, sam_config)
     version = _fsdp_version(trainer)
     if version is None:
         return None
     if version < 2:
         return FSDP1_UNSUPPORTED
-    sam_config = trainer.sam_config
     if sam_config.sync == "local":
         return FSDP_LOCAL_UNSUPPORTED
     why = VARIANTS[sam_config.method].fsdp_unsupported
@@ -295,3 +163,45 @@ def unsupported_setup_reason(trainer: Any) -> str | None:
             "(2 reduce-scatters per micro-batch), since FSDP2 holds unsynchronised gradients inside the wrapper."
         )
     return None
+
+
+class GradientSync:
+    """How SAM's passes meet gradient synchronisation: one device, DDP and FSDP2 (DeepSpeed: `DeepSpeedSync`).
+
+    The step engine calls these, and nothing else, around its passes:
+
+    - `clean_pass(model, params, synchronise)`: the context of a clean pass; yields the model to run it on.
+      `synchronise`: whether its backward all-reduces (the last micro-batch of a step with `sync="global"`).
+    - `gradient_ready(all_reduce)`: the clean gradient is complete; afterwards it is in `.grad` (reduced if asked).
+    - `perturbed_passes()`: the context of a step's perturbed passes.
+    - `perturbed_pass(model, last, micro)`: the context of one perturbed pass; `last`: the step's last backward
+      (it synchronises), `micro`: `accumulation="micro"`.
+    - `step()`: after the restore (the optimizer step, where the strategy owns it); `discard(model)`: after a failed
+      perturbed pass, no half-accumulated gradient may reach the optimizer; `reset()`: a new optimizer step.
+    """
+
+    @contextlib.contextmanager
+    def clean_pass(self, model: nn.Module, params: list[torch.Tensor], synchronise: bool) -> Iterator[nn.Module]:
+        # Micro-batches before a step's last are already inside the Trainer's `no_sync`.
+        with gradient_sync(model, enabled=synchronise):
+            yield model
+
+    def gradient_ready(self, all_reduce: bool) -> None:
+        """DDP and FSDP2 all-reduce inside the backward (`clean_pass`): nothing left to do."""
+
+    def perturbed_passes(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def perturbed_pass(self, model: nn.Module, last: bool, micro: bool) -> contextlib.AbstractContextManager:
+        # FSDP2 keeps an unsynchronised gradient inside FSDP, where the next micro-batch's (synchronised) clean pass
+        # would reduce it together with its own: in "micro" mode every perturbed pass synchronises there.
+        return gradient_sync(model, enabled=last or (micro and defers_unsynchronised_gradients(model)))
+
+    def step(self) -> None:
+        """The Trainer steps the optimizer itself, after `training_step` returns."""
+
+    def discard(self, model: nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+
+    def reset(self) -> None:
+        """Nothing is kept between passes."""

@@ -20,32 +20,54 @@ class SAMMetrics:
         self.skipped: torch.Tensor | float = 0.0
         self.steps = 0  # optimizer steps with a perturbed pass since the last log
         self.counted: torch.Tensor | float = 0.0  # of those, the steps in the loss sums (all, or the finite ones)
-        self.step_clean: torch.Tensor | float = 0.0  # the current step's losses, until `end_step`
-        self.step_perturbed: torch.Tensor | float = 0.0
         self.perturbations = 0  # one per step ("exact") or per micro-batch ("micro")
         self.rho_sum = 0.0
         self.rho_steps = 0
+        self.begin_step()
 
-    def end_step(self, nan_inf_filter: bool) -> None:
-        """Move the step's losses into the window sums; with the Trainer's `logging_nan_inf_filter`, a step whose
-        clean or perturbed loss is not finite is left out of them (on the device: no host sync)."""
-        clean, perturbed = self.step_clean, self.step_perturbed
-        if nan_inf_filter and isinstance(clean, torch.Tensor) and isinstance(perturbed, torch.Tensor):
-            finite = torch.isfinite(clean) & torch.isfinite(perturbed)
-            clean = torch.where(finite, clean, torch.zeros_like(clean))
-            perturbed = torch.where(finite, perturbed, torch.zeros_like(perturbed))
-            self.counted = self.counted + finite.float()
-        else:
-            self.counted = self.counted + 1.0
-        self.clean_loss = self.clean_loss + clean
-        self.perturbed_loss = self.perturbed_loss + perturbed
-        self.step_clean, self.step_perturbed = 0.0, 0.0
-        self.steps += 1
+    def begin_step(self) -> None:
+        """A new optimizer step: what a step that did not complete added is dropped."""
+        self.step_clean: torch.Tensor | float = 0.0
+        self.step_perturbed: torch.Tensor | float = 0.0
+        self.step_norm: torch.Tensor | float = 0.0
+        self.step_skipped: torch.Tensor | float = 0.0
+        self.step_perturbations = 0
+
+    def add_clean(self, loss: torch.Tensor) -> None:
+        self.step_clean = self.step_clean + loss
+
+    def add_perturbed(self, loss: torch.Tensor) -> None:
+        self.step_perturbed = self.step_perturbed + loss
 
     def add_perturbation(self, norm: torch.Tensor, skipped: torch.Tensor) -> None:
-        self.grad_norm = self.grad_norm + torch.where(skipped, torch.zeros_like(norm), norm)
-        self.skipped = self.skipped + skipped.float()
-        self.perturbations += 1
+        self.step_norm = self.step_norm + torch.where(skipped, torch.zeros_like(norm), norm)
+        self.step_skipped = self.step_skipped + skipped.float()
+        self.step_perturbations += 1
+
+    def end_step(self, nan_inf_filter: bool, two_pass: bool, rho: float | None = None) -> None:
+        """The step completed: its sums join the window's. `two_pass`: it ran a perturbed pass, whose losses count;
+        with the Trainer's `logging_nan_inf_filter`, a step whose clean or perturbed loss is not finite is left out of
+        the loss sums (on the device: no host sync). `rho`: the step's scheduled radius, averaged into `sam_rho` (a
+        schedule other than "constant")."""
+        if rho is not None:
+            self.rho_sum += rho
+            self.rho_steps += 1
+        self.grad_norm = self.grad_norm + self.step_norm
+        self.skipped = self.skipped + self.step_skipped
+        self.perturbations += self.step_perturbations
+        if two_pass:
+            clean, perturbed = self.step_clean, self.step_perturbed
+            if nan_inf_filter and isinstance(clean, torch.Tensor) and isinstance(perturbed, torch.Tensor):
+                finite = torch.isfinite(clean) & torch.isfinite(perturbed)
+                clean = torch.where(finite, clean, torch.zeros_like(clean))
+                perturbed = torch.where(finite, perturbed, torch.zeros_like(perturbed))
+                self.counted = self.counted + finite.float()
+            else:
+                self.counted = self.counted + 1.0
+            self.clean_loss = self.clean_loss + clean
+            self.perturbed_loss = self.perturbed_loss + perturbed
+            self.steps += 1
+        self.begin_step()
 
     def pop(self, accelerator) -> dict[str, float]:
         """Window averages, reduced across processes (a collective: every rank calls `log` with the loss)."""

@@ -12,6 +12,7 @@ import re
 from .config import SAMConfig
 from .variants import VARIANTS
 from .variants.base import SAM_CITATION
+from .variants.functional import CITATION as PRECONDITIONED_SAM_CITATION
 
 __all__ = ["add_sam_to_model_card", "sam_card_section", "sam_method_name"]
 
@@ -38,6 +39,7 @@ _CITATIONS = {
     journal = {arXiv preprint arXiv:2410.10373},
     year    = {2024}
 }""",
+    "preconditioner": PRECONDITIONED_SAM_CITATION,  # Singh et al. 2025, the paper of Functional-SAM too
     "partial_ascent": """@inproceedings{bahri2022sharpness,
     title     = {Sharpness-Aware Minimization Improves Language Model Generalization},
     author    = {Dara Bahri and Hossein Mobahi and Yi Tay},
@@ -66,6 +68,8 @@ def _citations(config: SAMConfig) -> list[str]:
         keys.append("late_phase")
     if config.ascent_fraction < 1:
         keys.append("partial_ascent")
+    if config.preconditioner != "none":
+        keys.append("preconditioner")
     entries = [SAM_CITATION, VARIANTS[config.method].citation] + [_CITATIONS[k] for k in keys]
     return list(dict.fromkeys(entries))
 

@@ -25,7 +25,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorKeyed", "WeightBackup", "global_norm", "perturb_", "perturb_along_", "restore_"]
+__all__ = [
+    "TensorKeyed",
+    "WeightBackup",
+    "global_norm",
+    "move_along_",
+    "perturb_",
+    "perturb_along_",
+    "restore_",
+    "scale_to",
+]
 
 
 def _group_by_device(tensors: Sequence[torch.Tensor], with_dtype: bool = False) -> dict[Any, list[int]]:
@@ -115,6 +124,40 @@ def perturb_(
     return norm, ~ok
 
 
+def scale_to(directions: Sequence[torch.Tensor], rho: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factor rho / ||d|| that scales the directions d to length |rho| (0 when ||d|| is zero or not finite).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: the factor, ||d|| and a 0-dim bool, True when the move is
+        skipped; on the device, nothing read back to the host.
+    """
+    norm = global_norm(directions)
+    ok = torch.isfinite(norm) & (norm > 0)
+    return torch.where(ok, rho / norm, torch.zeros_like(norm)), norm, ~ok
+
+
+@torch.no_grad()
+def move_along_(
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    backups: Sequence[torch.Tensor],
+    scale: torch.Tensor,
+) -> None:
+    """Move `params` from w to w + scale d in place, along directions d that are left untouched; `backups` receive
+    an exact copy of w, for `restore_`. The scaled direction is formed one tensor at a time, so the only temporary is
+    the size of one parameter. A failure part-way puts every parameter back: never half moved."""
+    params, directions, backups = _local(params), _local(directions), _local(backups)
+    torch._foreach_copy_(backups, params)
+    try:
+        for p, d in zip(params, directions):
+            step = d.mul(scale.to(d.device))
+            torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped move adds exactly 0
+            p.add_(step)
+    except BaseException:
+        torch._foreach_copy_(params, backups)
+        raise
+
+
 @torch.no_grad()
 def perturb_along_(
     params: Sequence[torch.Tensor],
@@ -122,36 +165,18 @@ def perturb_along_(
     backups: Sequence[torch.Tensor],
     rho: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move `params` from w to w + rho d/||d|| in place, along given directions d that are left untouched.
+    """Move `params` from w to w + rho d/||d|| in place (`scale_to`, then `move_along_`).
 
     For perturbations that do not come from `.grad` (Momentum-SAM perturbs along the optimizer's momentum with a
-    negative `rho`). `backups` receive an exact copy of w, for `restore_`. The scaled direction is formed one tensor
-    at a time, so the only temporary is the size of one parameter; nothing is read back to the host.
-
-    Args:
-        params (`Sequence[torch.Tensor]`): The parameters to move.
-        directions (`Sequence[torch.Tensor]`): One direction per parameter, of its shape (any floating dtype).
-        backups (`Sequence[torch.Tensor]`): Buffers of the parameters' shapes and dtypes, overwritten with w.
-        rho (`float`): Signed length of the step: w + rho d/||d||.
+    negative `rho`).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: ||d|| and a 0-dim bool, True when the step was skipped (w unchanged)
         because ||d|| was zero or not finite.
     """
-    norm = global_norm(directions)
-    params, directions, backups = _local(params), _local(directions), _local(backups)
-    ok = torch.isfinite(norm) & (norm > 0)
-    scale = torch.where(ok, rho / norm, torch.zeros_like(norm))
-    torch._foreach_copy_(backups, params)
-    try:
-        for p, d in zip(params, directions):
-            step = d.mul(scale.to(d.device))
-            torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped step adds exactly 0
-            p.add_(step)
-    except BaseException:
-        torch._foreach_copy_(params, backups)  # never leave the parameters half moved
-        raise
-    return norm, ~ok
+    scale, norm, skipped = scale_to(directions, rho)
+    move_along_(params, directions, backups, scale)
+    return norm, skipped
 
 
 @torch.no_grad()
@@ -200,9 +225,6 @@ class TensorKeyed:
         """The live (tensor, value) pairs."""
         return [(t, v) for ref, v in self._entries.values() if (t := ref()) is not None]
 
-    def clear(self) -> None:
-        self._entries.clear()
-
 
 class WeightBackup:
     """Persistent buffers that hold w during the second pass, reused across steps (no per-step allocation).
@@ -235,7 +257,3 @@ class WeightBackup:
             for p, view in zip(group, block.split([p.numel() for p in group])):
                 self._buffers[p] = view.view(p.shape)
         return [self._buffers[p] for p in params]
-
-    def clear(self) -> None:
-        """Free the buffers."""
-        self._buffers.clear()

@@ -91,16 +91,13 @@ def _copy_plain(value: Any, budget: list[int]) -> Any:
     return _NOT_PLAIN
 
 
-def snapshot_bookkeeping(obj: Any, skip_prefix: str = "_sam_") -> dict[str, tuple[Any, Any]]:
+def snapshot_bookkeeping(obj: Any) -> dict[str, tuple[Any, Any]]:
     """Copies of the plain-data attributes of `obj` (counters, metric lists and dicts, small tensors).
 
-    Attributes whose names start with `skip_prefix` (the caller's own state) and anything that is not plain data
-    (models, datasets, callbacks, optimizers) are left out.
+    Anything that is not plain data (models, datasets, callbacks, optimizers, SAM's engine) is left out.
     """
     saved = {}
     for name, value in vars(obj).items():
-        if name.startswith(skip_prefix):
-            continue
         copied = _copy_plain(value, [_MAX_ITEMS])
         if copied is not _NOT_PLAIN:
             saved[name] = (value, copied)

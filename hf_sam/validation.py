@@ -35,13 +35,6 @@ def check_fraction(name: str, value: Any, *, low_open: bool) -> None:
         raise ValueError(f"`{name}` (`--sam_{name}`) must be a number in {interval}, got {value!r}.")
 
 
-def check_unit_interval(name: str, value: Any) -> None:
-    """A number in [0, 1]."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (number and 0 <= value <= 1):
-        raise ValueError(f"`{name}` (`--sam_{name}`) must be a number in [0, 1], got {value!r}.")
-
-
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)

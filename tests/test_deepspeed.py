@@ -25,7 +25,7 @@ from _launch import REPO, free_port, run_launch, torchrun_arguments, update_erro
 from conftest import base_args
 
 from hf_sam import SAMConfig, SAMTrainingArguments
-from hf_sam.distributed import (
+from hf_sam.deepspeed_support import (
     DEEPSPEED_ENGINE_UNSUPPORTED,
     DEEPSPEED_FP16_UNSUPPORTED,
     DEEPSPEED_OFFLOAD_UNSUPPORTED,
@@ -34,8 +34,8 @@ from hf_sam.distributed import (
     DEEPSPEED_VARIANT_UNSUPPORTED,
     deepspeed_config_reason,
     deepspeed_engine_reason,
-    unsupported_setup_reason,
 )
+from hf_sam.distributed import unsupported_setup_reason
 
 SCRIPT = REPO / "tests" / "dist_scripts" / "deepspeed_trainer.py"
 ACCELERATE_CONFIG = REPO / "examples" / "accelerate" / "deepspeed_zero2.yaml"
@@ -154,20 +154,18 @@ def test_deepspeed_engine_reason(overrides, reason):
 
 def test_the_trainer_reads_the_config_of_accelerates_plugin():
     # `accelerate launch --use_deepspeed` and `deepspeed=` both end in the plugin's `deepspeed_config`.
-    def trainer(config, fp16=False):
+    def setup(config, fp16=False):
         plugin = SimpleNamespace(deepspeed_config=config)
-        return SimpleNamespace(
+        trainer = SimpleNamespace(
             is_deepspeed_enabled=True,
             accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=None)),
-            sam_config=SAMConfig(),
             args=SimpleNamespace(fp16=fp16, gradient_accumulation_steps=1),
         )
+        return trainer, SAMConfig()
 
-    assert unsupported_setup_reason(trainer(zero(2))) is None
-    assert unsupported_setup_reason(trainer(zero(3))) == DEEPSPEED_STAGE_UNSUPPORTED[3]
-    assert (
-        unsupported_setup_reason(trainer(zero(2, fp16={"enabled": "auto"}), fp16=True)) == DEEPSPEED_FP16_UNSUPPORTED
-    )
+    assert unsupported_setup_reason(*setup(zero(2))) is None
+    assert unsupported_setup_reason(*setup(zero(3))) == DEEPSPEED_STAGE_UNSUPPORTED[3]
+    assert unsupported_setup_reason(*setup(zero(2, fp16={"enabled": "auto"}), fp16=True)) == DEEPSPEED_FP16_UNSUPPORTED
 
 
 @pytest.mark.parametrize("form", ["dict", "file", "base64"])
@@ -188,7 +186,7 @@ def test_hf_sam_imports_without_deepspeed(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
     monkeypatch.delitem(sys.modules, "hf_sam.deepspeed_support")
     module = importlib.import_module("hf_sam.deepspeed_support")
-    assert module.DeepSpeedSAM is not None
+    assert module.DeepSpeedSync is not None
 
 
 def test_accelerate_deepspeed_config_describes_a_supported_setup():

@@ -20,8 +20,8 @@ from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+from hf_sam.deepspeed_support import DEEPSPEED_STAGE_UNSUPPORTED
 from hf_sam.distributed import (
-    DEEPSPEED_STAGE_UNSUPPORTED,
     FSDP1_UNSUPPORTED,
     FSDP_LOCAL_UNSUPPORTED,
     unsupported_setup_reason,
@@ -302,7 +302,8 @@ def fake_trainer(fsdp_version=None, deepspeed=None, sync="global", accumulation=
     ],
 )
 def test_unsupported_setup_reason(setup, reason):
-    assert unsupported_setup_reason(fake_trainer(**setup)) == reason
+    trainer = fake_trainer(**setup)
+    assert unsupported_setup_reason(trainer, trainer.sam_config) == reason
 
 
 def test_refusals_say_what_is_supported():

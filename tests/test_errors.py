@@ -20,7 +20,8 @@ from conftest import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
 from hf_sam import SAMConfig, SAMMixin, SAMTrainer, SAMTrainingArguments, enable_sam
-from hf_sam.distributed import deepspeed_engine_reason, unsupported_setup_reason
+from hf_sam.deepspeed_support import deepspeed_engine_reason
+from hf_sam.distributed import unsupported_setup_reason
 from hf_sam.perturbation import global_norm
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
@@ -71,7 +72,7 @@ def _fsdp_setup(version, accumulation="exact", sync="global", accumulation_steps
         sam_config=SAMConfig(accumulation=accumulation, sync=sync, method=method),
         args=SimpleNamespace(gradient_accumulation_steps=accumulation_steps),
     )
-    reason = unsupported_setup_reason(trainer)
+    reason = unsupported_setup_reason(trainer, trainer.sam_config)
     if reason is not None:
         raise ValueError(reason)
 

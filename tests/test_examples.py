@@ -324,8 +324,9 @@ def test_the_package_carries_no_example_plumbing():
     assert Path(embedded_models.__file__).parent == EXAMPLES / "embedded"
     code = (
         "import sys, hf_sam\n"
-        "core = {'config', 'deepspeed_support', 'distributed', 'listing', 'metrics', 'model_card', 'perturbation',\n"
-        "        'rng', 'side_effects', 'trainer', 'validation', 'variants'}\n"
+        "core = {'config', 'deepspeed_support', 'distributed', 'engine', 'listing', 'metrics', 'model_card',\n"
+        "        'perturbation', 'preconditioned', 'rng', 'schedules', 'setup_checks', 'side_effects', 'trainer',\n"
+        "        'validation', 'variants'}\n"
         "loaded = {m.split('.')[1] for m in sys.modules if m.startswith('hf_sam.')}\n"
         "assert loaded <= core, loaded - core\n"
         "assert not {'embedded', '_common', 'matplotlib'} & set(sys.modules)\n"
@@ -476,13 +477,6 @@ def test_image_processor_pixels_unchanged():
     assert torch.equal(new, old)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the benefit benchmark's DigitsTask (the demo's image part; benchmarks/bench_benefit.py, or "
-    "benchmarks/benefit_tasks.py where the tasks move) still names ViTImageProcessor, which falls back to "
-    "ViTImageProcessorPil with a warning without torchvision; remove this mark once it names ViTImageProcessorPil "
-    "as examples/image_classification.py does",
-)
 def test_demo_image_part_warns_nothing_of_ours(tmp_path):
     """The demo's part 1 (the benefit benchmark's digits run and measures), one seed, 2 steps."""
     pytest.importorskip("sklearn")

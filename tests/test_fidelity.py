@@ -115,7 +115,7 @@ def test_buffers_are_left_as_the_clean_pass_leaves_them(tmp_path, accumulation, 
 
 
 def test_buffer_check_fails_without_the_restore(tmp_path, monkeypatch):
-    monkeypatch.setattr("hf_sam.trainer.restore_buffers", lambda saved: None)
+    monkeypatch.setattr("hf_sam.engine.restore_buffers", lambda saved: None)
     plain, sam = train_pair(tmp_path, BatchNormRegressor, dict(sam_rho=TINY_RHO))
     assert int(sam.bn.num_batches_tracked) == 2 * int(plain.bn.num_batches_tracked)
     with pytest.raises(AssertionError):
@@ -277,7 +277,7 @@ def test_replaced_models_are_freed(tmp_path, trainer_cls):
     gc.collect()
     assert [r() is not None for r in refs] == [False] * (len(refs) - 1) + [True]
     if trainer_cls is SAMTrainer:  # the weight backups are the live model's only
-        assert len(trainer._sam_backup._buffers) == len([p for p in trainer.model.parameters() if p.requires_grad])
+        assert len(trainer._sam.backup._buffers) == len([p for p in trainer.model.parameters() if p.requires_grad])
 
 
 # ---- 8. the Trainer's observable surface ----------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_auto_find_batch_size_retry_starts_sam_afresh(tmp_path):
     trainer.train()
     first = [h["sam_sharpness"] for h in trainer.state.log_history if "sam_sharpness" in h]
     trainer2 = SAMTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(8))
-    trainer2._sam_metrics.step_clean = torch.tensor(5.0)  # left over from an interrupted run
+    trainer2._sam.metrics.step_clean = torch.tensor(5.0)  # left over from an interrupted run
     trainer2.train()
     assert [h["sam_sharpness"] for h in trainer2.state.log_history if "sam_sharpness" in h] == first
 

@@ -149,10 +149,10 @@ def test_update_matches_the_formula(tmp_path, accumulation):
     # The perturbed loss is still logged, and no dL/dF is left behind (the variant keeps nothing across steps).
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3 and all(h["sam_perturbed_loss"] > 0 for h in logs)
-    assert not trainer._sam_variant.pending and trainer._sam_variant.state_dict({}) == {}
+    assert not trainer._sam.variant.pending and trainer._sam.variant.state_dict({}) == {}
     # exact: the two micro-batches' dL/dF are held together (2 x 2 x 12 x 48 float64 values); micro: one at a time.
     per_micro_batch = 2 * 12 * VOCAB * 8
-    assert trainer._sam_variant.peak_bytes == per_micro_batch * (2 if accumulation == "exact" else 1)
+    assert trainer._sam.variant.peak_bytes == per_micro_batch * (2 if accumulation == "exact" else 1)
 
 
 def test_bfloat16_storage_is_close_but_not_exact(tmp_path):
@@ -168,7 +168,7 @@ def test_bfloat16_storage_is_close_but_not_exact(tmp_path):
         trainer = SAMTrainer(model=model, args=args, train_dataset=data)
         trainer.train()
         runs[dtype] = trainable_state(model)
-    assert trainer._sam_variant.peak_bytes == 4 * 12 * VOCAB * 2
+    assert trainer._sam.variant.peak_bytes == 4 * 12 * VOCAB * 2
     assert_updates_close(start, runs["bfloat16"], runs["logits"], rtol=1e-2)
     with pytest.raises(AssertionError):
         assert_updates_close(start, runs["bfloat16"], runs["logits"], rtol=1e-5)
@@ -189,7 +189,7 @@ def test_bf16_autocast(tmp_path):
         trainer.train()
         runs[bool(precision)] = trainable_state(model)
     assert "forward" in model.__dict__  # Accelerate's autocast wrapper
-    assert trainer._sam_variant.peak_bytes == 4 * 12 * VOCAB * 2  # bf16 values
+    assert trainer._sam.variant.peak_bytes == 4 * 12 * VOCAB * 2  # bf16 values
     assert_updates_close(start, runs[True], runs[False], rtol=5e-2)  # bf16 rounding of the float32 run
 
 
@@ -278,7 +278,7 @@ def test_plain_steps_and_evaluation_keep_nothing(tmp_path):
     )  # fmt: skip
     trainer = SAMTrainer(model=tiny_llama(), args=args, train_dataset=data, eval_dataset=data)
     trainer.train()
-    assert not trainer._sam_variant.pending
+    assert not trainer._sam.variant.pending
     assert [h["sam_skipped"] for h in trainer.state.log_history if "sam_skipped" in h] == [0.0, 0.0]
 
 

@@ -153,7 +153,7 @@ def test_sft_metrics_are_the_clean_pass_ones(tmp_path, accumulation, monkeypatch
         return train_logs(trainer)
 
     assert [log["num_tokens"] for log in one_line_run()] == [log["num_tokens"] for log in plain_logs]
-    monkeypatch.setattr("hf_sam.trainer.restore_bookkeeping", lambda obj, saved: None)
+    monkeypatch.setattr("hf_sam.engine.restore_bookkeeping", lambda obj, saved: None)
     assert one_line_run()[-1]["num_tokens"] == 2 * plain_logs[-1]["num_tokens"]
 
 

@@ -13,14 +13,13 @@ from test_trainer import reference_sam_sgd, sam_perturbation, window_loss, windo
 from torch.func import grad
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+from hf_sam.schedules import sam_step_index, scheduled_rho
 from hf_sam.variants import (
     NoisyLinearFunction,
     flat_lora_noise,
     flat_lora_seed,
     looksam_add_,
     looksam_orthogonal_,
-    sam_step_index,
-    scheduled_rho,
 )
 
 

@@ -2,17 +2,16 @@
 
 `REGISTRY` below is the one dispatch point: `sam_method` -> the module and class that implement it. Adding a variant
 is one new module beside this file and one line here; its settings become `SAMConfig` fields and `--sam_*` flags,
-its validation runs in `SAMConfig`, and `SAMMixin` calls its hooks.
+its validation runs in `SAMConfig`, and the step engine (`hf_sam/engine.py`) calls its hooks with a `StepContext`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .base import SAMVariant, Setting
+from .base import SAMVariant, Setting, StateError, StepContext, StepKind
 from .flat_lora import NoisyLinearFunction, flat_lora_noise, flat_lora_seed
 from .looksam import looksam_add_, looksam_orthogonal_
-from .schedules import leading_fraction, sam_step_index, scheduled_rho
 
 __all__ = [
     "REGISTRY",
@@ -20,13 +19,13 @@ __all__ = [
     "NoisyLinearFunction",
     "SAMVariant",
     "Setting",
+    "StateError",
+    "StepContext",
+    "StepKind",
     "flat_lora_noise",
     "flat_lora_seed",
-    "leading_fraction",
     "looksam_add_",
     "looksam_orthogonal_",
-    "sam_step_index",
-    "scheduled_rho",
 ]
 
 REGISTRY = {  # sam_method: "module:Class" in this package

@@ -1,38 +1,50 @@
-"""The variant protocol, and SAM / ASAM itself as its default implementation.
+"""The variant protocol: the typed context a variant's hooks receive, the hooks, and SAM / ASAM as the default.
 
-A variant is a class of hooks that `SAMMixin` calls at fixed points of its step (`hf_sam/trainer.py`); the registry
-in `hf_sam/variants/__init__.py` is the one place that maps `sam_method` to a class. Each variant lives in a module of
-its own with its formula and paper in the docstring, its settings, its validation, its state and its hooks. Adding a
-variant is one new module and one registry line.
+A variant is a class of hooks that the step engine (`hf_sam/engine.py`) calls at fixed points of one optimizer step;
+the registry in `hf_sam/variants/__init__.py` is the one place that maps `sam_method` to a class. Each variant lives in
+a module of its own with its formula and paper in the docstring, its settings, its validation, its state and its
+hooks. Adding a variant is one new module and one registry line. A hook sees the training only through its
+`StepContext`: no variant touches the Trainer.
 
 SAM (Foret et al. 2021, arXiv 2010.01412): e = rho g / ||g||, step with grad L(w + e) at w. ASAM (Kwon et al. 2021,
 arXiv 2102.11600, `sam_adaptive`): e = rho T^2 g / ||T g||, T = |w| + eta. The math is in `hf_sam/perturbation.py`.
 
-The hooks, in the order of one optimizer step:
+The hooks, in the order of one optimizer step, each with its contract:
 
-- `step_kind(trainer, sam_index)`: `"sam"` (clean pass, perturbation, perturbed pass, restore: SAMMixin's step) or
-  `"single"` (the variant's own one-pass step, `single_pass`).
-- `compute_loss(trainer, parent, ...)`: wraps the Trainer's `compute_loss` in both passes of a SAM step (Functional-SAM
-  changes what the perturbed pass differentiates).
-- `direction_(trainer, params)`: turns each `p.grad` (the clean gradient g) into the direction to perturb along, in
-  place, before `perturb_` normalises it to rho (Friendly SAM's g - sigma m, the Adam preconditioner).
-- `after_sam_step(trainer, params, e, rho)`: after the perturbed pass, with the SAM gradient in `.grad` (LookSAM's
-  cache); `e` holds the perturbation when `keeps_perturbation` is True.
-- `state_dict(names)` / `load_state_dict(state, params)`: what the variant adds to `sam_state.pt`.
+- `check_setup(ctx)`: raise `ValueError` for a setup the variant cannot run in (before any weight changes).
+- `step_kind(ctx, sam_index) -> StepKind`: `TWO_PASS` (the engine's clean pass, perturbation, perturbed pass,
+  restore) or `ONE_PASS` (the variant's own `one_pass`).
+- `begin_step(ctx)`: a new optimizer step begins; forget whatever a step that never completed left behind.
+- `one_pass(ctx, model, inputs, num_items_in_batch, rho) -> loss`: one micro-batch of a one-pass step; must return
+  with the weights at w (bit for bit) and may only change the variant's state through `commit`.
+- `compute_loss(ctx, parent, model, inputs, ...)`: wraps the Trainer's `compute_loss` in both passes.
+- `direction_(ctx, params)`: turn each `p.grad` (the clean gradient g) into the direction to perturb along, in
+  place; state it updates is staged, not committed.
+- `after_perturbed_pass(ctx, params, e, rho, skipped)`: after the perturbed pass, with the SAM gradient in `.grad`;
+  `e` holds the perturbation when `keeps_perturbation`, `skipped` (a 0-dim bool on the device) whether the
+  perturbation was skipped. Stage, do not commit.
+- `commit(ctx)`: the step completed; staged state becomes the state. Not called for a step that was interrupted,
+  raised or never reached its last micro-batch: that step leaves no trace (the transaction rule, docs/concepts.md).
+- `state_dict(names)` / `load_state_dict(state, params)`: what the variant adds to `sam_state.pt`; loading raises
+  `StateError` for content that is not a saved state, and returns what does not fit the model (started afresh).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..preconditioned import adam_precondition_, adam_preconditioner_refusal
 from ..validation import check_number
-from .preconditioned import adam_precondition_, adam_preconditioner_refusal
 
-__all__ = ["SAMVariant", "Setting"]
+if TYPE_CHECKING:
+    from ..perturbation import WeightBackup
+
+__all__ = ["SAMVariant", "Setting", "StateError", "StepContext", "StepKind"]
 
 SAM_CITATION = """@inproceedings{foret2021sharpnessaware,
     title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
@@ -41,6 +53,94 @@ SAM_CITATION = """@inproceedings{foret2021sharpnessaware,
     year      = {2021},
     url       = {https://arxiv.org/abs/2010.01412}
 }"""
+
+
+class StepKind(str, enum.Enum):
+    """What one optimizer step runs."""
+
+    PLAIN = "plain"  # the Trainer's own step (late-phase SAM before its start, `sam_interval`)
+    TWO_PASS = "two_pass"  # clean pass, perturbation, perturbed pass, restore (the engine's)
+    ONE_PASS = "one_pass"  # the variant's own one-pass step (`one_pass`)
+
+
+class StateError(ValueError):
+    """A saved SAM state that cannot be loaded (raised by `load_state_dict`; the engine names the file)."""
+
+
+class StepContext:
+    """What a variant may use of the training step, read from the engine and the Trainer it serves.
+
+    Attributes:
+        micro_index (`int`): The micro-batch's index within the optimizer step (0 for the first).
+        kind (`StepKind`): What this optimizer step runs.
+        in_perturbed_pass (`bool`): True while the perturbed pass runs at w + e.
+        backup (`WeightBackup`): Persistent buffers for holding w while the weights are moved.
+    """
+
+    def __init__(self, trainer: Any, run_pass: Callable, trainable: Callable, backup: WeightBackup) -> None:
+        self._trainer = trainer
+        self._run_pass = run_pass
+        self._trainable = trainable
+        self.backup = backup
+        self.micro_index = -1
+        self.kind = StepKind.PLAIN
+        self.in_perturbed_pass = False
+
+    def run_pass(self, model: Any, inputs: Any, num_items_in_batch: Any) -> torch.Tensor:
+        """One forward-backward pass of the micro-batch, the Trainer's own (loss scaling, precision, backward)."""
+        return self._run_pass(model, inputs, num_items_in_batch)
+
+    def trainable(self, model: Any) -> list[torch.Tensor]:
+        """The trainable parameters of `model`, the ones SAM perturbs (a tied weight once)."""
+        return self._trainable(model)
+
+    @property
+    def is_last_micro_batch(self) -> bool:
+        """True on the micro-batch after which the optimizer steps (gradients are synchronised there)."""
+        return bool(self._trainer.accelerator.sync_gradients)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps completed before this one."""
+        return self._trainer.state.global_step
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (`TrainingArguments.seed`)."""
+        return self._trainer.args.seed
+
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer (Accelerate's wrapper once training started), or `None` before it is built."""
+        return getattr(self._trainer, "optimizer", None)
+
+    @property
+    def optim(self) -> Any:
+        """`TrainingArguments.optim` and `optim_args`: the optimizer that will be built."""
+        return self._trainer.args.optim
+
+    @property
+    def optim_args(self) -> str | None:
+        return self._trainer.args.optim_args
+
+    @property
+    def model(self) -> Any:
+        """The model being trained, as the Trainer holds it (`trainer.model`)."""
+        return self._trainer.model
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode (False during evaluation)."""
+        return bool(self._trainer.model.training)
+
+    @property
+    def loss_scaled(self) -> bool:
+        """Whether the gradients carry GradScaler's changing factor (fp16 mixed precision)."""
+        return getattr(self._trainer.accelerator, "scaler", None) is not None
+
+    def unwrap(self, model: Any) -> Any:
+        """The model without its distributed or compiled wrappers."""
+        return self._trainer.accelerator.unwrap_model(model)
 
 
 @dataclass(frozen=True)
@@ -66,7 +166,7 @@ class SAMVariant:
     citation = SAM_CITATION
     settings: dict[str, Setting] = {}  # its own `SAMConfig` fields
     fsdp_unsupported: str | None = None  # why it cannot run under FSDP2, if it cannot
-    keeps_perturbation = False  # whether `after_sam_step` needs e
+    keeps_perturbation = False  # whether `after_perturbed_pass` needs e
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -76,37 +176,54 @@ class SAMVariant:
     def validate(cls, config: Any) -> None:
         """Checks across settings when this variant is selected; each setting alone is checked by its `Setting`."""
 
-    def check_setup(self, trainer: Any) -> None:
+    def check_setup(self, ctx: StepContext) -> None:
         """Refuse a setup this variant cannot run in, before any weight changes (at construction and each run)."""
         if self.config.preconditioner == "adam":
-            reason = adam_preconditioner_refusal(trainer)
+            reason = adam_preconditioner_refusal(ctx.optimizer, ctx.optim)
             if reason is not None:
                 raise ValueError(reason)
 
     # ---- the step ----------------------------------------------------------------------------------------------
-    def step_kind(self, trainer: Any, sam_index: int) -> str:
-        """`"sam"` for SAMMixin's two-pass step, `"single"` for `single_pass`."""
-        return "sam"
+    def step_kind(self, ctx: StepContext, sam_index: int) -> StepKind:
+        """The kind of the `sam_index`-th SAM step."""
+        return StepKind.TWO_PASS
 
-    def single_pass(self, trainer: Any, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
+    def begin_step(self, ctx: StepContext) -> None:
+        """A new optimizer step begins: nothing is carried over from one that did not complete."""
+
+    def one_pass(self, ctx: StepContext, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no one-pass step.")
 
-    def compute_loss(self, trainer: Any, parent: Callable, model: Any, inputs: Any, **kwargs: Any) -> Any:
-        return parent(model, inputs, **kwargs)
+    def compute_loss(self, ctx: StepContext, parent: Callable, model: Any, inputs: Any, *args: Any, **kwargs: Any):
+        return parent(model, inputs, *args, **kwargs)
 
-    def direction_(self, trainer: Any, params: list[torch.Tensor]) -> None:
+    def direction_(self, ctx: StepContext, params: list[torch.Tensor]) -> None:
         """SAM perturbs along the clean gradient itself, or along Adam's preconditioned gradient
-        (`preconditioner="adam"`, `preconditioned.py`)."""
-        if self.config.preconditioner == "adam" and trainer.optimizer is not None:
-            adam_precondition_([p.grad for p in params], params, trainer.optimizer)
+        (`preconditioner="adam"`, `hf_sam/preconditioned.py`)."""
+        if self.config.preconditioner == "adam" and ctx.optimizer is not None:
+            adam_precondition_([p.grad for p in params], params, ctx.optimizer)
 
-    def after_sam_step(self, trainer: Any, params: list[torch.Tensor], e: list[torch.Tensor], rho: float) -> None:
-        """Nothing to do after a SAM step."""
+    def after_perturbed_pass(
+        self, ctx: StepContext, params: list[torch.Tensor], e: list[torch.Tensor], rho: float, skipped: torch.Tensor
+    ) -> None:
+        """Nothing to do after the perturbed pass."""
+
+    def commit(self, ctx: StepContext) -> None:
+        """Nothing staged: SAM keeps no state across steps."""
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self, names: dict[int, str]) -> dict[str, Any]:
-        """The variant's state for `sam_state.pt`, tensors keyed by parameter name (`names`: id -> name)."""
+        """The variant's committed state for `sam_state.pt`, tensors keyed by parameter name (`names`: id -> name)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
-        """Load what `state_dict` saved; `params`: name -> parameter of the model."""
+    def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> list[str]:
+        """Load what `state_dict` saved (`params`: name -> parameter).
+
+        Returns:
+            `list[str]`: what does not fit the model (an unknown parameter, another shape), left out and started
+            afresh; the engine warns with the file's name.
+
+        Raises:
+            `StateError`: content that is not a state this variant saved (the engine names the file).
+        """
+        return []

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import require
-from .base import SAMVariant
+from .base import SAMVariant, StepContext, StepKind
 
 __all__ = ["FlatLoRA", "NoisyLinearFunction", "flat_lora_noise", "flat_lora_seed"]
 
@@ -131,16 +131,17 @@ class FlatLoRA(SAMVariant):
             f"ascent_fraction={config.ascent_fraction}.",
         )
 
-    def check_setup(self, trainer: Any) -> None:
-        flat_lora_layers(trainer.model)  # raises now, before training, if there is nothing to perturb
+    def check_setup(self, ctx: StepContext) -> None:
+        flat_lora_layers(ctx.model)  # raises now, before training, if there is nothing to perturb
 
-    def step_kind(self, trainer: Any, sam_index: int) -> str:
-        return "single"
+    def step_kind(self, ctx: StepContext, sam_index: int) -> StepKind:
+        return StepKind.ONE_PASS
 
-    def single_pass(self, trainer: Any, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
+    def one_pass(self, ctx: StepContext, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
+        """The micro-batch's pass at W + eps; the noise lives in the autograd function, W is never written."""
         with contextlib.ExitStack() as stack:
-            for index, layer in enumerate(flat_lora_layers(trainer.model)):
-                seed = flat_lora_seed(trainer.args.seed, trainer.state.global_step, trainer._sam_micro_index, index)
+            for index, layer in enumerate(flat_lora_layers(ctx.model)):
+                seed = flat_lora_seed(ctx.seed, ctx.global_step, ctx.micro_index, index)
                 layer.forward = functools.partial(_noisy_linear_forward, layer, seed, rho)
                 stack.callback(layer.__dict__.pop, "forward", None)  # back to the class's forward
-            return trainer._sam_parent_training_step(model, inputs, num_items_in_batch)
+            return ctx.run_pass(model, inputs, num_items_in_batch)

@@ -14,9 +14,15 @@ first pass (the EMA never sees the perturbed gradient); d subtracts the EMA *bef
 the first step has no EMA yet: it sets m_1 = g_1 (not (1 - lambda) g_1 from m_0 = 0) and perturbs along g_1 itself,
 per parameter (a parameter first seen later starts its EMA then). The code divides by ||d|| + 1e-12; here a zero or
 non-finite norm skips the perturbation, as for SAM. With gradient accumulation, `sam_accumulation="exact"` gives one
-g (and one EMA update) per optimizer step from the whole window; `"micro"` one per micro-batch, as the authors'
-`train_gradacc.py` does. Steps without SAM (`sam_interval`, `sam_start_fraction`) do not update the EMA. Extra
-memory: m, one copy of the trainable parameters, saved in `sam_state.pt` so that a resumed run continues bit for bit.
+g (and one EMA update) per optimizer step from the whole window; `"micro"` one per micro-batch (the authors'
+`train_gradacc.py`, branch `grad_accumulate`, also updates the average once per micro-batch; unlike it, each
+micro-batch's perturbation is undone before the next micro-batch's clean pass, and the SAM gradients accumulate as
+the Trainer accumulates any gradient). Steps without SAM (`sam_interval`, `sam_start_fraction`) do not update the EMA.
+
+The average follows the transaction rule: a step's updates go to a staged copy that becomes the average only when the
+step completes, so a step that is interrupted or raises leaves it as it was; and a clean gradient that is not finite
+leaves it unchanged (its perturbation is skipped too), decided on the device. Extra memory: m and its staged copy,
+two copies of the trainable parameters; m is saved in `sam_state.pt` so that a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from typing import Any
 
 import torch
 
-from ..perturbation import TensorKeyed
+from ..perturbation import TensorKeyed, global_norm
 from ..validation import check_fraction, check_number, require
-from .base import SAMVariant, Setting
+from .base import SAMVariant, Setting, StateError, StepContext
 
 __all__ = ["FriendlySAM", "friendly_direction_"]
 
@@ -41,15 +47,34 @@ CITATION = """@inproceedings{li2024friendly,
 
 
 @torch.no_grad()
-def friendly_direction_(grads: list[torch.Tensor], emas: list[torch.Tensor], sigma: float, lam: float) -> None:
-    """grads <- g - sigma m and m <- lambda m + (1 - lambda) g, in place, without temporaries.
+def friendly_direction_(
+    grads: list[torch.Tensor],
+    emas: list[torch.Tensor],
+    sigma: float,
+    lam: float,
+    present: list[torch.Tensor] | None = None,
+) -> None:
+    """grads <- g - sigma m and m <- lambda m + (1 - lambda) g, in place.
 
-    With d = g - sigma m the new average is lambda m + (1 - lambda)(d + sigma m) = (lambda + (1 - lambda) sigma) m
-    + (1 - lambda) d: the same value, formed from d after g is overwritten.
+    Args:
+        grads: The clean gradients g, overwritten with the directions d.
+        emas: The averages m, updated in place.
+        sigma, lam: sigma and lambda.
+        present: Per parameter, a 0-dim bool on the device: whether it has an average yet. Where it has none, m must
+            be zero: the direction is g itself and the average becomes g (the authors' first step). Defaults to all.
+
+    When some g is not finite, no average changes and `present` stays as it was (d is then not finite: the
+    perturbation is skipped). Decided on the device, without reading anything back.
     """
-    torch._foreach_sub_(grads, emas, alpha=sigma)  # grads <- d
-    torch._foreach_mul_(emas, lam + (1 - lam) * sigma)
-    torch._foreach_add_(emas, grads, alpha=1 - lam)  # emas <- lambda m + (1 - lambda) g
+    finite = torch.isfinite(global_norm(grads))
+    torch._foreach_sub_(grads, emas, alpha=sigma)  # d = g - sigma m (= g where m is still 0)
+    for i, (d, m) in enumerate(zip(grads, emas)):
+        # m_t = lambda m + (1 - lambda) g = (lambda + (1 - lambda) sigma) m + (1 - lambda) d, formed from d
+        updated = torch.add(m * (lam + (1 - lam) * sigma), d, alpha=1 - lam)
+        if present is not None:
+            updated = torch.where(present[i], updated, d)
+            present[i].logical_or_(finite)
+        m.copy_(torch.where(finite.to(m.device), updated, m))
 
 
 class FriendlySAM(SAMVariant):
@@ -78,35 +103,91 @@ class FriendlySAM(SAMVariant):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.ema = TensorKeyed()  # parameter -> m, held weakly
+        # parameter -> [[m, present], [m, present]], the committed pair at `self._committed`, the other one staged
+        self._slots = TensorKeyed()
+        self._committed = TensorKeyed()  # parameter -> 0 or 1
+        self._staged: dict[int, torch.Tensor] | None = None  # id -> parameter whose staged pair this step holds
 
-    def check_setup(self, trainer: Any) -> None:
-        super().check_setup(trainer)
+    def check_setup(self, ctx: StepContext) -> None:
+        super().check_setup(ctx)
         require(
-            getattr(trainer.accelerator, "scaler", None) is None,
+            not ctx.loss_scaled,
             "`method='friendly'` (`--sam_method friendly`) keeps an average of the gradients across steps, and fp16 "
             "mixed precision (`fp16=True`) scales them by GradScaler's changing loss scale. Use `bf16=True` or fp32, "
             "or `method='sam'`.",
         )
 
-    def direction_(self, trainer: Any, params: list[torch.Tensor]) -> None:
-        """`.grad` (g) becomes g - sigma m_{t-1}; m moves to lambda m_{t-1} + (1 - lambda) g."""
-        grads, emas = [], []
-        for p in params:
-            m = self.ema.get(p)
-            if m is None or m.shape != p.grad.shape:  # the first step of this parameter: m = g, direction g
-                self.ema[p] = p.grad.detach().clone()
-            else:
-                grads.append(p.grad)
-                emas.append(m)
-        if grads:
-            friendly_direction_(grads, emas, self.config.friendly_sigma, self.config.friendly_lambda)
+    def begin_step(self, ctx: StepContext) -> None:
+        self._staged = None  # what an unfinished step staged is dropped
+
+    def _stage(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This step's (m, present) for each parameter: at the step's first use a copy of the committed ones (zero and
+        absent for a parameter seen for the first time), in buffers kept from step to step."""
+        staged = {} if self._staged is None else self._staged
+        new = [p for p in params if id(p) not in staged]
+        sources, targets = [], []
+        for p in new:
+            slot = self._slots.get(p)
+            if slot is None or slot[0][0].shape != p.grad.shape:
+                zero = torch.zeros_like(p.grad)
+                absent = torch.zeros((), dtype=torch.bool, device=p.grad.device)
+                slot = [[zero, absent], [zero.clone(), absent.clone()]]
+                self._slots[p] = slot
+                self._committed[p] = 0
+            c = self._committed[p]
+            sources += slot[c]
+            targets += slot[1 - c]
+        if sources:
+            torch._foreach_copy_(targets, sources)
+        staged.update((id(p), p) for p in new)
+        self._staged = staged
+        pairs = [self._slots[p][1 - self._committed[p]] for p in params]
+        return [m for m, _ in pairs], [present for _, present in pairs]
+
+    def direction_(self, ctx: StepContext, params: list[torch.Tensor]) -> None:
+        """`.grad` (g) becomes g - sigma m_{t-1}; the staged m moves to lambda m_{t-1} + (1 - lambda) g."""
+        emas, present = self._stage(params)
+        friendly_direction_(
+            [p.grad for p in params], emas, self.config.friendly_sigma, self.config.friendly_lambda, present
+        )
+
+    def commit(self, ctx: StepContext) -> None:
+        for p in (self._staged or {}).values():
+            self._committed[p] = 1 - self._committed[p]
+        self._staged = None
+
+    def _averages(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(parameter, m, present) of the committed averages."""
+        return [(p, *slot[self._committed[p]]) for p, slot in self._slots.items()]
 
     def state_dict(self, names: dict[int, str]) -> dict[str, Any]:
-        return {"friendly_ema": {names[id(p)]: m for p, m in self.ema.items() if id(p) in names}}
+        # A parameter whose average is not there yet (its first gradient was not finite) is saved as absent.
+        return {
+            "friendly_ema": {names[id(p)]: m for p, m, _ in self._averages() if id(p) in names},
+            "friendly_present": {names[id(p)]: present for p, _, present in self._averages() if id(p) in names},
+        }
 
-    def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
-        self.ema = TensorKeyed()
-        for name, m in state.get("friendly_ema", {}).items():
-            if name in params:
-                self.ema[params[name]] = m.to(params[name].device)
+    def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> list[str]:
+        emas = state.get("friendly_ema", {})
+        present = state.get("friendly_present", {})
+        if not isinstance(emas, dict) or not isinstance(present, dict):
+            raise StateError("`friendly_ema` is not a mapping of parameter names to tensors")
+        self._slots, self._committed, self._staged = TensorKeyed(), TensorKeyed(), None
+        misfits = []
+        for name, m in emas.items():
+            if not isinstance(m, torch.Tensor):
+                raise StateError(f"`friendly_ema[{name!r}]` is a {type(m).__name__}, not a tensor")
+            p = params.get(name)
+            if p is None:
+                misfits.append(f"Friendly SAM's average of `{name}`: no such parameter in the model")
+                continue
+            if m.shape != p.shape:
+                misfits.append(
+                    f"Friendly SAM's average of `{name}`: shape {tuple(m.shape)}, the parameter's is {tuple(p.shape)}"
+                )
+                continue
+            m = m.to(device=p.device, dtype=p.dtype)
+            has = torch.as_tensor(present.get(name, True), dtype=torch.bool, device=p.device).reshape(())
+            self._slots[p] = [[m, has], [m.clone(), has.clone()]]
+            self._committed[p] = 0
+        return misfits

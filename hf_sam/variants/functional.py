@@ -36,10 +36,18 @@ from typing import Any
 import torch
 
 from ..validation import check_choice, require
-from .base import SAMVariant, Setting
-from .preconditioned import PRECONDITIONED_CITATION
+from .base import SAMVariant, Setting, StepContext, StepKind
 
-__all__ = ["FunctionalSAM"]
+__all__ = ["CITATION", "FunctionalSAM"]
+
+# Also the paper of preconditioned SAM (`sam_preconditioner="adam"`, `hf_sam/preconditioned.py`).
+CITATION = """@inproceedings{singh2025functionalsam,
+    title     = {Avoiding spurious sharpness minimization broadens applicability of SAM},
+    author    = {Sidak Pal Singh and Hossein Mobahi and Atish Agarwala and Yann Dauphin},
+    booktitle = {International Conference on Machine Learning},
+    year      = {2025},
+    url       = {https://arxiv.org/abs/2502.02407}
+}"""
 
 GRAD_DTYPES = ("logits", "bfloat16")
 
@@ -146,7 +154,7 @@ class FunctionalSAM(SAMVariant):
         "Jacobian of the logits at the perturbed weights times the loss gradient w.r.t. the logits of the clean pass "
         "(no 'logit path'); two passes, dL/dF kept per micro-batch (batch x sequence x vocabulary)."
     )
-    citation = PRECONDITIONED_CITATION
+    citation = CITATION
     settings = {
         "functional_grad_dtype": Setting(
             "logits",
@@ -161,7 +169,6 @@ class FunctionalSAM(SAMVariant):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.pending: deque[list[torch.Tensor | None]] = deque()  # dl/dF per clean pass, oldest first
-        self._window: Any = None
         self.peak_bytes = 0  # the most bytes of dl/dF held at once (for the docs' memory figure)
 
     @classmethod
@@ -173,23 +180,20 @@ class FunctionalSAM(SAMVariant):
             f"ascent_fraction={config.ascent_fraction}.",
         )
 
-    def compute_loss(self, trainer: Any, parent: Callable, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        perturbed = trainer._sam_in_perturbed_pass
-        clean = (
-            not perturbed and trainer._sam_plan.kind == "sam" and torch.is_grad_enabled() and trainer.model.training
-        )
+    def begin_step(self, ctx: StepContext) -> None:
+        self.pending.clear()  # nothing of an earlier step is still needed (one that raised may have left some)
+
+    def compute_loss(self, ctx: StepContext, parent: Callable, model: Any, inputs: Any, *args: Any, **kwargs: Any):
+        perturbed = ctx.in_perturbed_pass
+        clean = not perturbed and ctx.kind is StepKind.TWO_PASS and torch.is_grad_enabled() and ctx.training
         if not (clean or perturbed):  # a plain step, evaluation
             return parent(model, inputs, *args, **kwargs)
-        base = trainer.accelerator.unwrap_model(model)
+        base = ctx.unwrap(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT: the transformers model
         with _captured_logits(base) as captured:
             result = parent(model, inputs, *args, **kwargs)
         slots = [_gradient_slot(logits) for logits in captured]
         if clean:
-            window = (id(trainer.state), trainer.state.global_step)
-            if window != self._window:  # a new accumulation window: nothing of an earlier one is still needed
-                self.pending.clear()
-                self._window = window
             kept: list[torch.Tensor | None] = [None] * len(slots)
             self.pending.append(kept)
             for i, (node, index) in enumerate(slots):

@@ -6,6 +6,11 @@ On a full SAM step, with clean gradient g and SAM gradient g_s, keep the part of
 
 and on the k - 1 steps in between take one pass and step with  g + alpha (||g|| / ||g_v||) g_v.
 Cost: 1 + 1/k passes per step. Settings: `looksam_interval` (k, default 5), `looksam_alpha` (alpha, default 0.7).
+
+The cache follows the transaction rule: a full step's g_v is staged and replaces the cache only when the step
+completes; a step whose perturbation was skipped (a clean gradient that is not finite) or whose g_v is not finite
+keeps the previous cache, decided on the device. Before the first valid g_v the cache is zero, and a one-pass step
+adds nothing: the host, which picks between one and two passes, cannot see a skip without a synchronisation.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from ..perturbation import TensorKeyed, global_norm
 from ..validation import check_int, require
-from .base import SAMVariant, Setting
+from .base import SAMVariant, Setting, StateError, StepContext, StepKind
 
 __all__ = ["LookSAM", "looksam_add_", "looksam_orthogonal_"]
 
@@ -31,18 +36,28 @@ CITATION = """@inproceedings{liu2022looksam,
 
 
 @torch.no_grad()
-def looksam_orthogonal_(e: Sequence[torch.Tensor], sam_grads: Sequence[torch.Tensor], rho: float) -> None:
+def looksam_orthogonal_(e: Sequence[torch.Tensor], sam_grads: Sequence[torch.Tensor], rho: float) -> torch.Tensor:
     """Turn the perturbation `e` (= rho g/||g||) into g_v = g_s - (g_s . u) u with u = e/rho, in place.
 
     Args:
         e (`Sequence[torch.Tensor]`): The perturbation of the full SAM step; overwritten with g_v.
         sam_grads (`Sequence[torch.Tensor]`): The SAM gradient g_s of the same step.
         rho (`float`): The radius that `e` was scaled to (a skipped step has e = 0, and then g_v = g_s).
+
+    Returns:
+        `torch.Tensor`: g_s . e, in float32 or, for float64 tensors, float64 (as `global_norm`): the caller can tell a
+        non-finite g_v from it.
     """
-    dot = torch.stack([torch.vdot(g.reshape(-1).float(), v.reshape(-1).float()) for g, v in zip(sam_grads, e)]).sum()
+    parts = []
+    for g, v in zip(sam_grads, e):
+        dtype = torch.promote_types(g.dtype, torch.float32)  # float64 stays float64: the parameters' precision
+        parts.append(torch.vdot(g.reshape(-1).to(dtype), v.reshape(-1).to(dtype)).to(e[0].device))
+    common = torch.float64 if any(d.dtype == torch.float64 for d in parts) else torch.float32
+    dot = torch.stack([d.to(common) for d in parts]).sum()
     coef = -dot / rho**2  # (g_s . u) u = (g_s . e) e / rho^2
     for v, g in zip(e, sam_grads):
-        v.mul_(coef.to(v.device)).add_(g)
+        v.mul_(coef.to(v.device, v.dtype)).add_(g)
+    return dot
 
 
 @torch.no_grad()
@@ -80,6 +95,7 @@ class LookSAM(SAMVariant):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.cache = TensorKeyed()  # parameter -> g_v, held weakly
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this step's (parameter, g_v)
 
     @classmethod
     def validate(cls, config: Any) -> None:
@@ -95,33 +111,66 @@ class LookSAM(SAMVariant):
             f"accumulation={config.accumulation!r}, sync={config.sync!r}, interval={config.interval}.",
         )
 
-    def step_kind(self, trainer: Any, sam_index: int) -> str:
+    def step_kind(self, ctx: StepContext, sam_index: int) -> StepKind:
         refresh = sam_index % self.config.looksam_interval == 0 or not len(self.cache)
-        return "sam" if refresh else "single"
+        return StepKind.TWO_PASS if refresh else StepKind.ONE_PASS
 
-    def single_pass(self, trainer: Any, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
-        """One pass, then g <- g + alpha (||g||/||g_v||) g_v at the window's end."""
-        loss = trainer._sam_parent_training_step(model, inputs, num_items_in_batch)
-        if trainer.accelerator.sync_gradients:
-            pairs = [
-                (p.grad, self.cache[p]) for p in trainer._sam_listing(model) if p.grad is not None and p in self.cache
-            ]
+    def begin_step(self, ctx: StepContext) -> None:
+        self._staged = None
+
+    def one_pass(self, ctx: StepContext, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
+        """One pass, then g <- g + alpha (||g||/||g_v||) g_v at the step's last micro-batch."""
+        loss = ctx.run_pass(model, inputs, num_items_in_batch)
+        if ctx.is_last_micro_batch:
+            pairs = [(p.grad, self.cache[p]) for p in ctx.trainable(model) if p.grad is not None and p in self.cache]
             if pairs:
                 grads, g_v = zip(*pairs)
                 looksam_add_(grads, g_v, self.config.looksam_alpha)
         return loss
 
-    def after_sam_step(self, trainer: Any, params: list[torch.Tensor], e: list[torch.Tensor], rho: float) -> None:
+    def after_perturbed_pass(
+        self, ctx: StepContext, params: list[torch.Tensor], e: list[torch.Tensor], rho: float, skipped: torch.Tensor
+    ) -> None:
+        if not params:
+            return
         sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        looksam_orthogonal_(e, sam_grads, rho)  # e becomes g_v
-        self.cache = TensorKeyed()
+        dot = looksam_orthogonal_(e, sam_grads, rho)  # e becomes g_v
+        valid = ~skipped.to(dot.device) & torch.isfinite(dot)
         for p, g_v in zip(params, e):
-            self.cache[p] = g_v
+            previous = self.cache.get(p)
+            keep = previous if previous is not None and previous.shape == g_v.shape else torch.zeros_like(g_v)
+            torch.where(valid.to(g_v.device), g_v, keep, out=g_v)
+        self._staged = list(zip(params, e))
+
+    def commit(self, ctx: StepContext) -> None:
+        if self._staged is not None:
+            self.cache = TensorKeyed()
+            for p, g_v in self._staged:
+                self.cache[p] = g_v
+        self._staged = None
 
     def state_dict(self, names: dict[int, str]) -> dict[str, Any]:
         return {"looksam_cache": {names[id(p)]: g_v for p, g_v in self.cache.items() if id(p) in names}}
 
-    def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
-        self.cache = TensorKeyed()
-        for name, g_v in state.get("looksam_cache", {}).items():
-            self.cache[params[name]] = g_v.to(params[name].device)
+    def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> list[str]:
+        saved = state.get("looksam_cache", {})
+        if not isinstance(saved, dict):
+            raise StateError("`looksam_cache` is not a mapping of parameter names to tensors")
+        self.cache, self._staged = TensorKeyed(), None
+        misfits = []
+        for name, g_v in saved.items():
+            if not isinstance(g_v, torch.Tensor):
+                raise StateError(f"`looksam_cache[{name!r}]` is a {type(g_v).__name__}, not a tensor")
+            p = params.get(name)
+            if p is None:
+                misfits.append(f"LookSAM's cached component of `{name}`: no such parameter in the model")
+            elif g_v.shape != p.shape:
+                misfits.append(
+                    f"LookSAM's cached component of `{name}`: shape {tuple(g_v.shape)}, the parameter's is "
+                    f"{tuple(p.shape)}"
+                )
+        if misfits:  # g_v is one direction over all parameters: a part of it is not the step's component
+            return [*misfits, "LookSAM's cache is started afresh (its next step is a full SAM step)"]
+        for name, g_v in saved.items():
+            self.cache[params[name]] = g_v.to(device=params[name].device, dtype=params[name].dtype)
+        return []

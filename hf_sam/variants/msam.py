@@ -6,8 +6,10 @@ its `momentum_buffer`), each optimizer step takes its one forward-backward pass 
     w~ = w - rho v / ||v||                    ||.|| the global L2 norm over all parameters that have a momentum
 
 and the optimizer applies that gradient at w (w is restored by copy before it steps). Every micro-batch of a
-gradient-accumulation window runs at the same w~ (w and v do not change within a window). No extra pass: the cost
-is one weight copy and one norm per step.
+gradient-accumulation window runs at the same w~ (w and v do not change within a window): each moves to w~ before
+its pass and back to w right after it, so the weights are at w whenever the Trainer has control (a callback, a stop
+between micro-batches, a save). The scale rho / ||v|| is computed once per step. No extra pass: the cost is one
+weight copy per micro-batch and one norm per step.
 
 Pinned from the authors' code (MarlonBecker/MSAM, `optimizer/adamW_msam.py` and `optimizer/msam.py`) and the
 paper's Algorithm 1: the sign is minus (`move_up_to_momentumAscent` does `p.sub_(exp_avg, alpha=rho/||exp_avg||)`);
@@ -25,10 +27,10 @@ from typing import Any
 import torch
 from transformers.training_args import OptimizerNames
 
-from ..perturbation import perturb_along_, restore_
+from ..perturbation import move_along_, restore_, scale_to
+from ..preconditioned import ADAM_OPTIMIZERS
 from ..validation import require
-from .base import SAMVariant
-from .preconditioned import ADAM_OPTIMIZERS
+from .base import SAMVariant, StepContext, StepKind
 
 __all__ = ["MomentumSAM", "momentum_of", "msam_refusal"]
 
@@ -54,9 +56,13 @@ def _sgd_momentum(optim_args: str | None) -> float:
     return 0.0
 
 
-def msam_refusal(trainer: Any) -> str | None:
-    """Why the trainer's optimizer keeps no momentum to perturb along, or `None`."""
-    optimizer = getattr(trainer, "optimizer", None)
+def msam_refusal(optimizer: Any, optim: Any, optim_args: str | None) -> str | None:
+    """Why the optimizer keeps no momentum to perturb along, or `None`.
+
+    Args:
+        optimizer: The built optimizer (possibly wrapped by Accelerate), or `None` before it is built.
+        optim, optim_args: `TrainingArguments.optim` and `optim_args`, the optimizer that will be built.
+    """
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the optimizer
     if inner is not None:
         sgd = isinstance(inner, torch.optim.SGD)
@@ -66,11 +72,11 @@ def msam_refusal(trainer: Any) -> str | None:
             return None
         what = f"the optimizer {type(inner).__name__}" + (" (momentum=0)" if sgd else "")
     else:
-        optim = getattr(trainer.args.optim, "value", trainer.args.optim)
-        sgd = optim == OptimizerNames.SGD.value
-        if trainer.args.optim in ADAM_OPTIMIZERS or (sgd and _sgd_momentum(trainer.args.optim_args) > 0):
+        name = getattr(optim, "value", optim)
+        sgd = name == OptimizerNames.SGD.value
+        if optim in ADAM_OPTIMIZERS or (sgd and _sgd_momentum(optim_args) > 0):
             return None
-        what = f"`optim={optim!r}`" + (" without `optim_args='momentum=...'`" if sgd else "")
+        what = f"`optim={name!r}`" + (" without `optim_args='momentum=...'`" if sgd else "")
     names = ", ".join(repr(o.value) for o in ADAM_OPTIMIZERS)
     return (
         "`method='msam'` (`--sam_method msam`) perturbs along the optimizer's momentum (Adam's `exp_avg`, SGD's "
@@ -109,7 +115,7 @@ class MomentumSAM(SAMVariant):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self._held: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, backups) while at w~
+        self._scale: torch.Tensor | None = None  # -rho / ||v|| of this step (0 when skipped), on the device
 
     @classmethod
     def validate(cls, config: Any) -> None:
@@ -120,34 +126,27 @@ class MomentumSAM(SAMVariant):
             f"ascent_fraction={config.ascent_fraction}.",
         )
 
-    def check_setup(self, trainer: Any) -> None:
-        reason = msam_refusal(trainer)
+    def check_setup(self, ctx: StepContext) -> None:
+        reason = msam_refusal(ctx.optimizer, ctx.optim, ctx.optim_args)
         if reason is not None:
             raise ValueError(reason)
 
-    def step_kind(self, trainer: Any, sam_index: int) -> str:
-        return "single"
+    def step_kind(self, ctx: StepContext, sam_index: int) -> StepKind:
+        return StepKind.ONE_PASS
 
-    def single_pass(self, trainer: Any, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
-        """Move to w~ before the window's first micro-batch, back to w (by copy) after its last one or on an error."""
-        restore = True
+    def begin_step(self, ctx: StepContext) -> None:
+        self._scale = None  # v moved with the last step: a new norm
+
+    def one_pass(self, ctx: StepContext, model: Any, inputs: Any, num_items_in_batch: Any, rho: float) -> torch.Tensor:
+        """The micro-batch's pass at w~ = w - rho v/||v||; back at w (by copy) when it returns or raises."""
+        params, momenta = momentum_of(ctx.optimizer, ctx.trainable(model))
+        if not params:  # the first step has no momentum yet: its pass runs at w
+            return ctx.run_pass(model, inputs, num_items_in_batch)
+        if self._scale is None:  # v and w are the same for every micro-batch of the step: one norm
+            self._scale = scale_to(momenta, -rho)[0]
+        backups = ctx.backup.buffers_for(params)
+        move_along_(params, momenta, backups, self._scale)  # all or nothing
         try:
-            if trainer._sam_micro_index == 0 or self._held is None:
-                self._restore()  # a window left without its last micro-batch: never stack two perturbations
-                params, momenta = momentum_of(trainer.optimizer, trainer._sam_listing(model))
-                if params:  # the first step has no momentum yet: its pass runs at w
-                    backups = trainer._sam_backup.buffers_for(params)
-                    perturb_along_(params, momenta, backups, -rho)  # all or nothing
-                    self._held = (params, backups)
-            loss = trainer._sam_parent_training_step(model, inputs, num_items_in_batch)
-            restore = trainer.accelerator.sync_gradients
-            return loss
+            return ctx.run_pass(model, inputs, num_items_in_batch)
         finally:
-            if restore:
-                self._restore()
-
-    def _restore(self) -> None:
-        if self._held is not None:
-            params, backups = self._held
-            self._held = None
             restore_(params, backups)

@@ -194,10 +194,10 @@ def sam_trainer_class():
 
 def naive_trainer_class():
     """hf_sam's SAMTrainer with the refusal bypassed (this process only): what it would do under DeepSpeed."""
-    import hf_sam.trainer
+    import hf_sam.engine
     from hf_sam import SAMTrainer
 
-    hf_sam.trainer.unsupported_setup_reason = lambda trainer: None
+    hf_sam.engine.unsupported_setup_reason = lambda trainer, sam_config: None
     return SAMTrainer
 
 

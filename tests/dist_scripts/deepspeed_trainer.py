@@ -136,7 +136,7 @@ class PassRecorder(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         phase = "plain"
         if isinstance(self, SAMMixin):
-            phase = "perturbed" if self._sam_in_perturbed_pass else "clean"
+            phase = "perturbed" if self.sam_in_perturbed_pass else "clean"
         with COUNTER.in_phase(phase):
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -146,11 +146,11 @@ class SAMPassRecorder(SAMMixin, PassRecorder):
 
 
 def instrument_deepspeed_sam(checks: dict[str, list]) -> None:
-    """Wrap `DeepSpeedSAM` to check, at every perturbation, that ZeRO held no gradient (exact mode), and before every
+    """Wrap `DeepSpeedSync` to check, at every perturbation, that ZeRO held no gradient (exact mode), and before every
     engine step that the weights were restored bit for bit; phases for the counter."""
-    from hf_sam.deepspeed_support import DeepSpeedSAM
+    from hf_sam.deepspeed_support import DeepSpeedSync
 
-    load, step = DeepSpeedSAM.load_gradient, DeepSpeedSAM.step
+    load, step = DeepSpeedSync.load_gradient, DeepSpeedSync.step
     before: list[torch.Tensor] = []
 
     def load_gradient(self, all_reduce):
@@ -163,7 +163,7 @@ def instrument_deepspeed_sam(checks: dict[str, list]) -> None:
         with COUNTER.in_phase("step"):
             return step(self)
 
-    DeepSpeedSAM.load_gradient, DeepSpeedSAM.step = load_gradient, checked_step
+    DeepSpeedSync.load_gradient, DeepSpeedSync.step = load_gradient, checked_step
 
 
 def instrument_plain_engine_step() -> None:

@@ -6,9 +6,10 @@ estimate, the perturbation is
 
     e = rho * P^{-1} g / ||P^{-1} g||
 
-so that the ascent step is taken in the geometry the optimizer descends in. `sam_preconditioner="adam"` selects it,
-with `sam_method="sam"` or `"functional"`. Before the optimizer's first step there is no second moment yet: that step
-perturbs along g itself (plain SAM), as a parameter without optimizer state does later.
+so that the ascent step is taken in the geometry the optimizer descends in. Not a variant of its own: a direction
+that `sam_method="sam"` and `"functional"` take with `sam_preconditioner="adam"` (`SAMVariant.direction_`). Before
+the optimizer's first step there is no second moment yet: that step perturbs along g itself (plain SAM), as a
+parameter without optimizer state does later.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from transformers.training_args import OptimizerNames
 
-__all__ = ["ADAM_OPTIMIZERS", "PRECONDITIONED_CITATION", "adam_precondition_", "adam_preconditioner_refusal"]
+__all__ = ["ADAM_OPTIMIZERS", "adam_precondition_", "adam_preconditioner_refusal"]
 
 # `optim` values whose optimizer keeps Adam's `exp_avg_sq` per parameter, in full precision.
 ADAM_OPTIMIZERS = tuple(
@@ -28,27 +29,23 @@ ADAM_OPTIMIZERS = tuple(
     if name in OptimizerNames._value2member_map_
 )
 
-PRECONDITIONED_CITATION = """@inproceedings{singh2025functionalsam,
-    title     = {Avoiding spurious sharpness minimization broadens applicability of SAM},
-    author    = {Sidak Pal Singh and Hossein Mobahi and Atish Agarwala and Yann Dauphin},
-    booktitle = {International Conference on Machine Learning},
-    year      = {2025},
-    url       = {https://arxiv.org/abs/2502.02407}
-}"""
 
+def adam_preconditioner_refusal(optimizer: Any, optim: Any) -> str | None:
+    """Why there is no Adam second moment to precondition with, or `None`.
 
-def adam_preconditioner_refusal(trainer: Any) -> str | None:
-    """Why the trainer's optimizer has no Adam second moment to precondition with, or `None`."""
-    optimizer = getattr(trainer, "optimizer", None)
+    Args:
+        optimizer: The built optimizer (possibly wrapped by Accelerate), or `None` before it is built.
+        optim: `TrainingArguments.optim`, the optimizer that will be built.
+    """
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the optimizer
     if inner is not None:
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             return None
         what = f"the optimizer {type(inner).__name__}"
-    elif trainer.args.optim in ADAM_OPTIMIZERS:
+    elif optim in ADAM_OPTIMIZERS:
         return None
     else:
-        what = f"`optim={getattr(trainer.args.optim, 'value', trainer.args.optim)!r}`"
+        what = f"`optim={getattr(optim, 'value', optim)!r}`"
     names = ", ".join(repr(o.value) for o in ADAM_OPTIMIZERS)
     return (
         "`preconditioner='adam'` (`--sam_preconditioner adam`) divides the perturbation by Adam's second-moment "
