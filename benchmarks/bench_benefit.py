@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -45,15 +44,16 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))  # the examples' shared helpers: examples/_common.py, examples/embedded/
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the tasks, beside this script
+
+import benefit_tasks  # noqa: E402
+from benefit_tasks import TASKS, Task, TaskRun  # noqa: E402
 
 # A method is a name and its `sam_*` arguments; `None` is the AdamW baseline (the plain Trainer). "rho_scale"
 # multiplies the task's rho (ASAM's ball is in relative units, so larger), "lora_only" marks methods that need
@@ -73,7 +73,6 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "friendly": {"sam_method": "friendly"},
 }
 BASELINE = "adamw"
-WORKDIR = Path("outputs/benefit/runs")  # trainers' output_dir (nothing is saved there: save_strategy "no")
 QUANT_GROUP = 64
 
 
@@ -82,235 +81,6 @@ def _t975(df: int) -> float:
     from scipy.stats import t
 
     return float(t.ppf(0.975, df))
-
-
-# ---- tasks ----------------------------------------------------------------------------------------------------------
-@dataclass
-class TaskRun:
-    """What a task hands the benchmark for one run: a trainer ready to train and how to score a model."""
-
-    trainer: Any
-    accuracy: Any  # callable(model) -> float, on the held-out split
-    measure_data: Any  # list of model-ready training batches for the flatness measures
-    lora: bool = False
-
-
-@dataclass
-class Task:
-    name: str
-    rho: float
-    steps: int
-    quick_steps: int
-    lora: bool = False
-    hyper: dict[str, Any] = field(default_factory=dict)
-
-    def build(self, method: str, sam_kwargs: dict | None, seed: int, noise: float, steps: int, quick: bool):
-        raise NotImplementedError
-
-
-def _load_example(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"hf_sam_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _common() -> Any:
-    import _common
-
-    return _common
-
-
-def _training_args(out: Path, seed: int, steps: int, sam_kwargs: dict | None, config_cls: Any = None, **kw: Any):
-    from hf_sam import SAMTrainingArguments
-
-    cls = config_cls or SAMTrainingArguments
-    sam = {k: v for k, v in (sam_kwargs or {}).items() if k.startswith("sam_")}
-    return cls(
-        output_dir=str(out),
-        max_steps=steps,
-        seed=seed,
-        data_seed=seed,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, steps // 10),
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **sam,
-        **kw,
-    )
-
-
-def _classify_accuracy(model: Any, batches: list[dict]) -> float:
-    import torch
-
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for batch in batches:
-            labels = batch["labels"]
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += len(labels)
-    return correct / total
-
-
-def _batches(trainer: Any, dataset: Any, limit: int | None = None) -> list[dict]:
-    """Model-ready batches of `dataset` through the trainer's own column handling and collator, unshuffled."""
-    import itertools
-
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        return list(itertools.islice(trainer.get_eval_dataloader(dataset), limit))
-
-
-class DigitsTask(Task):
-    def build(self, method, sam_kwargs, seed, noise, steps, quick):
-        from transformers import AutoModelForImageClassification, Trainer, ViTImageProcessor, set_seed
-
-        from hf_sam import SAMTrainer
-
-        common = _common()
-        set_seed(seed)
-        data = common.digits_dataset(200 if quick else 500, seed, noise)
-        labels = data["train"].features["label"].names
-        model = AutoModelForImageClassification.from_config(common.tiny_image_config("resnet", 32, labels))
-        processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=0.5, image_std=0.5)
-
-        def transforms(batch):
-            images = [image.convert("RGB") for image in batch["image"]]
-            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
-
-        for split in data.values():
-            split.set_transform(transforms)
-        args = _training_args(
-            WORKDIR / "digits",
-            seed,
-            steps,
-            sam_kwargs,
-            learning_rate=2e-3,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=128,
-            remove_unused_columns=False,
-        )
-        trainer = (Trainer if sam_kwargs is None else SAMTrainer)(
-            model=model, args=args, train_dataset=data["train"], data_collator=_stack_collate
-        )
-        evalset = _batches(trainer, data["validation"].select(range(200)) if quick else data["validation"])
-        measure = _batches(trainer, data["train"], 2 if quick else 4)
-        return TaskRun(trainer, lambda m: _classify_accuracy(m, evalset), measure)
-
-
-def _stack_collate(examples):
-    import torch
-
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.tensor([e["labels"] for e in examples]),
-    }
-
-
-class MiniLMTask(Task):
-    def build(self, method, sam_kwargs, seed, noise, steps, quick):
-        from embedded import make_classification_task, minilm_path
-        from transformers import (
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-            DataCollatorWithPadding,
-            Trainer,
-            set_seed,
-        )
-
-        from hf_sam import SAMTrainer
-
-        set_seed(seed)
-        n_train = self.hyper["n_train"]
-        data = make_classification_task(n_train=n_train, n_eval=64 if quick else 400, seed=seed, label_noise=noise)
-        names = data["train"].features["label"].names
-        path = minilm_path()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
-        )
-        data = data.map(
-            lambda b: tokenizer(b["sentence"], truncation=True, max_length=32),
-            batched=True,
-            remove_columns=["sentence", "word", "noisy"],
-        )
-        args = _training_args(
-            WORKDIR / "minilm",
-            seed,
-            steps,
-            sam_kwargs,
-            learning_rate=self.hyper["lr"],
-            per_device_train_batch_size=16,
-            per_device_eval_batch_size=64,
-        )
-        trainer = (Trainer if sam_kwargs is None else SAMTrainer)(
-            model=model,
-            args=args,
-            train_dataset=data["train"],
-            processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
-        )
-        evalset = _batches(trainer, data["validation"])
-        measure = _batches(trainer, data["train"], 2 if quick else 4)
-        return TaskRun(trainer, lambda m: _classify_accuracy(m, evalset), measure)
-
-
-class SmolLMTask(Task):
-    def build(self, method, sam_kwargs, seed, noise, steps, quick):
-        from transformers import set_seed
-        from trl import SFTTrainer, get_peft_config
-
-        from hf_sam.trl import SAMSFTTrainer
-
-        common = _common()
-        sft = _load_example("sft_lora")
-        set_seed(seed)
-        sam = [f"--{k}={v}" for k, v in (sam_kwargs or {}).items()]
-        argv = [
-            "--output_dir", str(WORKDIR / "smollm"), "--max_steps", str(steps), "--seed", str(seed),
-            "--data_seed", str(seed), "--learning_rate", "2e-3", "--lr_scheduler_type", "linear",
-            "--warmup_steps", str(max(1, steps // 10)), "--weight_decay", "0.0", "--per_device_train_batch_size", "8",
-            "--per_device_eval_batch_size", "8", "--max_length", "64", "--logging_steps", str(max(1, steps // 10)),
-            "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
-            "--dataloader_num_workers", "0", "--task_train_size", "2000",
-            "--task_eval_size", str(20 if quick else self.hyper["n_eval"]), "--task_min_words", "3",
-            "--task_max_words", "3", "--label_noise", str(noise), "--system_prompt", "Be brief.",
-            "--max_new_tokens", "12", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",
-            "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-            "--lora_last_layers", "8", *sam,
-        ]  # fmt: skip
-        _, args, model_args, _, example_args = sft.make_parser().parse_args_and_config(args=argv)
-        from embedded import smollm2_path
-
-        path = smollm2_path()
-        data = common.reverse_task_conversations(example_args, seed)
-        peft_config = common.restrict_lora_layers(get_peft_config(model_args), path, example_args.lora_last_layers)
-        args.model_init_kwargs = {"dtype": "float32"}
-        trainer = (SFTTrainer if sam_kwargs is None else SAMSFTTrainer)(
-            model=path, args=args, train_dataset=data["train"], peft_config=peft_config
-        )
-
-        def accuracy(m):
-            return common.held_out_exact_match(m, trainer.processing_class, data["test"], example_args, False)[0]
-
-        measure = _batches(trainer, trainer.train_dataset, 2 if quick else 4)
-        return TaskRun(trainer, accuracy, measure, lora=True)
-
-
-TASKS: dict[str, Task] = {
-    "digits": DigitsTask("digits", rho=0.1, steps=400, quick_steps=12),
-    "minilm": MiniLMTask("minilm", rho=0.05, steps=150, quick_steps=6, hyper={"n_train": 64, "lr": 1e-4}),
-    "smollm": SmolLMTask("smollm", rho=0.05, steps=120, quick_steps=3, lora=True, hyper={"n_eval": 100}),
-}
 
 
 # ---- measures -------------------------------------------------------------------------------------------------------
@@ -411,18 +181,75 @@ def flatness(run: TaskRun, model: Any, rho: float, max_iter: int) -> dict[str, f
     return {"hessian_top": eig.eigenvalues[0], "sam_sharpness": sharp.sharpness, "train_slice_loss": sharp.loss}
 
 
-def run_one(task: Task, method: str, sam_kwargs: dict | None, seed: int, noise: float, opts: Any) -> dict[str, Any]:
-    """Train one (task, method, seed, noise) and measure it."""
+class EpochCurve:
+    """Validation accuracy after every epoch (a `TrainerCallback`), and a copy of the trainable weights at the best one
+    so far: the best-on-validation checkpoint, whose test accuracy is the early-stopping reading (`best_test`).
+    Evaluation forks the random streams and puts the model back in training mode: the run trains exactly as without
+    it."""
+
+    def __new__(cls, run: TaskRun):
+        import torch
+        from transformers import TrainerCallback
+
+        class _Curve(TrainerCallback):
+            def __init__(self):
+                self.points: list[dict[str, float]] = []
+                self.best: dict[str, Any] | None = None
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % run.epoch_steps and state.global_step != state.max_steps:
+                    return
+                with torch.random.fork_rng(devices=[]):
+                    val = run.validation(model)
+                model.train()
+                self.points.append({"step": state.global_step, "val": val})
+                if self.best is None or val > self.best["val"]:  # the first of equals: the earliest checkpoint
+                    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                    self.best = {"step": state.global_step, "val": val, "weights": weights}
+
+            def best_test(self, model) -> float:
+                """Test accuracy of the best-on-validation weights; the model's own weights are put back after."""
+                params = dict(model.named_parameters())
+                final = {n: params[n].detach().clone() for n in self.best["weights"]}
+                with torch.no_grad():
+                    for n, w in self.best["weights"].items():
+                        params[n].copy_(w)
+                    try:
+                        return run.accuracy(model)
+                    finally:
+                        for n, w in final.items():
+                            params[n].copy_(w)
+
+        return _Curve()
+
+
+def run_one(
+    task: Task,
+    method: str,
+    sam_kwargs: dict | None,
+    seed: int,
+    noise: float,
+    opts: Any,
+    rho: float | None = None,
+    phase: str | None = None,
+) -> dict[str, Any]:
+    """Train one (task, method, seed, noise) and measure it; `rho` overrides the task's (a tuning grid point).
+    Selection runs (`phase="select"`) take only the accuracies and the task's own measures."""
     steps = opts.steps or (task.quick_steps if opts.quick else task.steps)
     kwargs = None
     if sam_kwargs is not None:
         kwargs = {k: v for k, v in sam_kwargs.items() if k.startswith("sam_")}
         kwargs.setdefault("sam_rho", task.rho * sam_kwargs.get("rho_scale", 1.0))
+        if rho is not None:
+            kwargs["sam_rho"] = rho
     from transformers.trainer_callback import PrinterCallback
 
     run = task.build(method, kwargs, seed, noise, steps, opts.quick)
     clock = StepClock()
-    run.trainer.add_callback(clock)
+    run.trainer.add_callback(clock)  # before the curve: its evaluations are not counted as step time
+    curve = EpochCurve(run) if run.epoch_steps and run.validation else None
+    if curve is not None:
+        run.trainer.add_callback(curve)
     run.trainer.remove_callback(PrinterCallback)  # one line per run instead of every log
     started = time.perf_counter()
     result = run.trainer.train()
@@ -438,14 +265,39 @@ def run_one(task: Task, method: str, sam_kwargs: dict | None, seed: int, noise: 
         "train_loss_mean": result.training_loss,
         "train_wall_s": train_s,
     }
+    if phase is not None:
+        record.update(phase=phase, rho=kwargs["sam_rho"] if kwargs else None)
     timed = clock.times[2:] if len(clock.times) > 4 else clock.times
     record["step_cpu_s"] = sum(timed) / len(timed)
     started = time.perf_counter()
     record["accuracy"] = run.accuracy(model)
-    record.update(flatness(run, model, opts.sharpness_rho, 3 if opts.quick else opts.hessian_iters))
-    record.update(robustness(run, model, opts.weight_noise, opts.noise_draws, seed, opts.quant))
+    if run.validation is not None:
+        record["val_accuracy"] = run.validation(model)
+    if curve is not None and curve.best is not None:
+        record.update(curve=curve.points, best_val_step=curve.best["step"], test_at_best_val=curve.best_test(model))
+    if run.measures is not None:
+        record.update(run.measures(model, phase != "select"))
+    if phase != "select":
+        record.update(flatness(run, model, opts.sharpness_rho, 3 if opts.quick else opts.hessian_iters))
+        record.update(robustness(run, model, opts.weight_noise, opts.noise_draws, seed, opts.quant))
     record["measure_wall_s"] = time.perf_counter() - started
     return record
+
+
+def chosen_rhos(records: list[dict], task: str, noise: float) -> dict[str, float]:
+    """For each method, the grid rho with the best mean validation accuracy over its selection runs (the test split
+    is never looked at; of equals, the smaller rho). Only rhos run on every selection seed of the method count."""
+    runs = [r for r in records if r.get("phase") == "select" and r["task"] == task and r["noise"] == noise]
+    by_method: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        if r["rho"] is not None:
+            by_method.setdefault(r["method"], {}).setdefault(r["rho"], []).append(r["val_accuracy"])
+    chosen = {}
+    for method, grid in by_method.items():
+        n = max(len(v) for v in grid.values())
+        complete = {rho: statistics.fmean(v) for rho, v in grid.items() if len(v) == n}
+        chosen[method] = min(complete, key=lambda rho: (-complete[rho], rho))
+    return chosen
 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
@@ -622,12 +474,17 @@ def _parse_methods(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def run_key(record: dict) -> tuple:
+    """What identifies a run: task, noise, method, seed and, for tuning runs, phase and rho."""
+    return (record["task"], record["noise"], record["method"], record["seed"], record.get("phase"), record.get("rho"))
+
+
 def _drop_repeated_runs(records: list[dict]) -> list[dict]:
-    """Keep the first run of each (task, noise, method, seed): merged files may share runs (a baseline copied so that
+    """Keep the first run of each `run_key`: merged files may share runs (a baseline copied so that
     `--resume` skips it). A repeat whose accuracy differs is reported, since the runs are meant to be deterministic."""
     kept: dict[tuple, dict] = {}
     for record in records:
-        key = (record["task"], record["noise"], record["method"], record["seed"])
+        key = run_key(record)
         if key not in kept:
             kept[key] = record
         elif record["accuracy"] != kept[key]["accuracy"]:
@@ -651,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharpness_rho", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="Tiny data and a few steps: a smoke run.")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="Tune rho: each method over its task's grid on --selection_seeds, the best mean validation accuracy "
+        "chosen, then --seeds at that rho scored on the test split.",
+    )
+    parser.add_argument("--selection_seeds", nargs="+", type=int, default=[100, 101])
+    parser.add_argument("--grid", nargs="+", type=float, default=None, help="--tune: this rho grid for every method.")
     parser.add_argument("--out_dir", default="outputs/benefit")
     parser.add_argument("--resume", action="store_true", help="Skip runs already in <out_dir>/results.json.")
     parser.add_argument(
@@ -673,10 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown methods {unknown}; known: {list(methods)}")
     if BASELINE not in chosen:
         chosen = [BASELINE, *chosen]
-    global WORKDIR
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    WORKDIR = out / "runs"
+    benefit_tasks.WORKDIR = out / "runs"
     results_path = out / "results.json"
     previous = json.loads(results_path.read_text()) if opts.resume and results_path.exists() else None
     records: list[dict] = previous["runs"] if previous else []
@@ -684,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     for merged in commands:
         records += merged["runs"]
     records = _drop_repeated_runs(records)
-    done = {(r["task"], r["noise"], r["method"], r["seed"]) for r in records}
+    done = {run_key(r) for r in records}
     info = {
         "command": " ".join(["python", "benchmarks/bench_benefit.py", *(argv if argv is not None else sys.argv[1:])])
     }
@@ -694,29 +558,55 @@ def main(argv: list[str] | None = None) -> int:
     if previous:
         info["resumed"] = previous["info"]
     started = time.perf_counter()
+
+    def run(task: Task, noise: float, seed: int, method: str, rho: float | None = None, phase: str | None = None):
+        spec = methods[method]
+        record = {"task": task.name, "noise": noise, "method": method, "seed": seed, "phase": phase, "rho": rho}
+        if run_key(record) in done or (spec is not None and spec.get("lora_only") and not task.lora):
+            return
+        t0 = time.perf_counter()
+        record = run_one(task, method, spec, seed, noise, opts, rho=rho, phase=phase)
+        records.append(record)
+        done.add(run_key(record))
+        extra = f" rho={rho:g} val={record['val_accuracy']:.3f}" if rho is not None else ""
+        if phase == "select" or "hessian_top" not in record:
+            measured = ""
+        else:
+            measured = (
+                f" int4={record.get('int4', math.nan):.3f} lambda={record['hessian_top']:.3g} "
+                f"sharp={record['sam_sharpness']:.3g}"
+            )
+        print(
+            f"[{time.perf_counter() - started:7.0f}s] {task.name} noise={noise:g} seed={seed} {method:<9}"
+            f"{' ' + phase if phase else ''}{extra} acc={record['accuracy']:.3f}{measured} "
+            f"step={record['step_cpu_s']:.3f}s ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
+        results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
+
     for task_name in [] if opts.merge else opts.tasks:
         task = TASKS[task_name]
         for noise in opts.noise:
+            if not opts.tune:
+                for seed in opts.seeds:
+                    for method in chosen:
+                        run(task, noise, seed, method)
+                continue
+            here = [m for m in chosen if task.lora or not (methods[m] or {}).get("lora_only")]
+            grids = {m: [None] if m == BASELINE else (opts.grid or task.rho_grid(m)) for m in here}
+            untuned = [m for m, grid in grids.items() if not grid]
+            if untuned:
+                raise SystemExit(f"--tune: no rho grid for {untuned} on {task_name} (pass --grid)")
+            for method in here:
+                for rho in grids[method]:
+                    for seed in opts.selection_seeds:
+                        run(task, noise, seed, method, rho, "select")
+            best = chosen_rhos(records, task_name, noise)
             for seed in opts.seeds:
-                for method in chosen:
-                    spec = methods[method]
-                    if spec is not None and spec.get("lora_only") and not task.lora:
-                        continue
-                    if (task_name, noise, method, seed) in done:
-                        continue
-                    t0 = time.perf_counter()
-                    record = run_one(task, method, spec, seed, noise, opts)
-                    records.append(record)
-                    print(
-                        f"[{time.perf_counter() - started:7.0f}s] {task_name} noise={noise:g} seed={seed} "
-                        f"{method:<9} acc={record['accuracy']:.3f} int4={record.get('int4', math.nan):.3f} "
-                        f"lambda={record['hessian_top']:.3g} sharp={record['sam_sharpness']:.3g} "
-                        f"step={record['step_cpu_s']:.3f}s ({time.perf_counter() - t0:.0f}s)",
-                        flush=True,
-                    )
-                    results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
+                for method in here:
+                    run(task, noise, seed, method, best.get(method), "test")
     results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
-    rows = summarize(records)
+    rows = summarize([r for r in records if r.get("phase") != "select"])
     info["wall_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
     table = format_table(rows)
