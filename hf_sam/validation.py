@@ -1,10 +1,14 @@
-"""Checks of single settings, shared by `SAMConfig` and the variants: each error names the field, its `--sam_*` flag
-and the valid values."""
+"""A setting (`Setting`: default, help, valid values) and the checks of single settings, shared by the core settings
+and the variants' own: each error names the field, its `--sam_*` flag and the valid values."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Setting", "check_bool", "check_choice", "check_fraction", "check_int", "check_number", "require"]
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -38,3 +42,39 @@ def check_fraction(name: str, value: Any, *, low_open: bool) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` (`--sam_{name}`) must be True or False, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One SAM setting, declared once: it becomes the `SAMConfig.<name>` field and the `--sam_<name>` flag.
+
+    Args:
+        default: The default value (its type is the field's type, unless `choices` are given).
+        help: The help text of the field and of the flag.
+        check: Validates a value, raising `ValueError` naming the field. Default: a finite number >= 0.
+        choices: The valid values; the field's type is then `Literal[choices]` (argparse lists them).
+    """
+
+    default: Any
+    help: str
+    check: Callable[[str, Any], None] | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def annotation(self) -> Any:
+        """The field's type."""
+        return Literal[self.choices] if self.choices else type(self.default)
+
+    def validate(self, name: str, value: Any) -> None:
+        """Raise `ValueError` naming `name`, its flag and the valid values when `value` cannot work."""
+        if self.choices:
+            check_choice(name, value, self.choices)
+        elif self.check is not None:
+            self.check(name, value)
+        else:
+            check_number(name, value, allow_zero=True)

@@ -93,3 +93,38 @@ def test_sam_arguments_mirror_sam_config():
         twin = argument_fields[f"sam_{name}"]
         assert argument_types[twin.name] == config_types[name], name
         assert (twin.default, twin.metadata["help"]) == (f.default, f.metadata["help"]), name
+
+
+def test_every_setting_is_declared_once_and_generates_both_dataclasses():
+    """`SAMConfig` and `SAMArguments` come from one declaration per setting (core and variant alike): same names,
+    defaults, help and types; a `Setting` with choices is a `Literal` (argparse lists the choices)."""
+    import dataclasses
+    import typing
+
+    from hf_sam import SAMArguments
+    from hf_sam.config import all_settings
+
+    settings = all_settings()
+    config_types, argument_types = typing.get_type_hints(SAMConfig), typing.get_type_hints(SAMArguments)
+    assert [f.name for f in dataclasses.fields(SAMConfig)] == list(settings)
+    assert [f.name for f in dataclasses.fields(SAMArguments)] == [f"sam_{name}" for name in settings]
+    for f in dataclasses.fields(SAMConfig):
+        setting = settings[f.name]
+        assert (f.default, f.metadata["help"]) == (setting.default, setting.help), f.name
+        assert config_types[f.name] == argument_types[f"sam_{f.name}"] == setting.annotation, f.name
+        if setting.choices:
+            assert typing.get_args(config_types[f.name]) == setting.choices, f.name
+
+
+def test_the_type_stub_for_ides_is_up_to_date():
+    """hf_sam/config.pyi spells out the generated fields for IDEs; regenerate with `python scripts/config_stub.py`."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "config_stub.py"
+    spec = importlib.util.spec_from_file_location("config_stub", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.STUB.read_text() == module.stub_text()
+    for name in ("rho", "looksam_interval", "friendly_lambda"):
+        assert f"    sam_{name}: " in module.STUB.read_text()  # the variants' settings too

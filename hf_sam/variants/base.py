@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..preconditioned import adam_precondition_, adam_preconditioner_refusal
-from ..validation import check_number
+from ..validation import Setting
 
 if TYPE_CHECKING:
     from ..perturbation import WeightBackup
@@ -143,28 +142,13 @@ class StepContext:
         return self._trainer.accelerator.unwrap_model(model)
 
 
-@dataclass(frozen=True)
-class Setting:
-    """A variant's own setting: becomes `SAMConfig.<name>` and the `--sam_<name>` flag.
-
-    Args:
-        default: The default value (its type is the field's type).
-        help: The help text of the field and the flag.
-        check: Validates a value, raising `ValueError` naming the field (`hf_sam.validation`).
-    """
-
-    default: Any
-    help: str
-    check: Callable[[str, Any], None] = lambda name, value: check_number(name, value, allow_zero=True)
-
-
 class SAMVariant:
     """SAM, or ASAM with `adaptive=True`: two passes, the perturbation from the clean gradient."""
 
     name = "SAM"  # as the model card and the docs name it
     summary = "SAM (Foret et al. 2021), or ASAM with `adaptive`: two passes on every SAM step."
     citation = SAM_CITATION
-    settings: dict[str, Setting] = {}  # its own `SAMConfig` fields
+    settings: dict[str, Setting] = {}  # its own settings: `SAMConfig` fields and `--sam_*` flags
     fsdp_unsupported: str | None = None  # why it cannot run under FSDP2, if it cannot
     keeps_perturbation = False  # whether `after_perturbed_pass` needs e
 

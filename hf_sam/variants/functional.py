@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..validation import check_choice, require
+from ..validation import require
 from .base import SAMVariant, Setting, StepContext, StepKind
 
 __all__ = ["CITATION", "FunctionalSAM"]
@@ -161,7 +161,7 @@ class FunctionalSAM(SAMVariant):
             "Functional-SAM: dtype in which dL/dlogits is kept between a micro-batch's clean and perturbed passes "
             "(batch x sequence x vocabulary values each). 'logits': the logits' own dtype (exact); 'bfloat16': half "
             "the memory of float32 logits.",
-            lambda name, value: check_choice(name, value, GRAD_DTYPES),
+            choices=GRAD_DTYPES,
         ),
     }
     fsdp_unsupported = "it rewrites the gradient that reaches the logits inside the backward, untested under FSDP2."
