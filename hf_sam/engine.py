@@ -28,6 +28,7 @@ finite) is committed, but leaves the variant state as it was (decided on the dev
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -303,9 +304,10 @@ class SAMEngine:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated, empty, not a torch file, foreign objects
+            why = "it is empty" if os.path.getsize(path) == 0 else f"{type(err).__name__}: {err}"
             raise StateError(
-                f"Cannot resume SAM from {path}: the file cannot be read as a SAM state ({type(err).__name__}: "
-                f"{err}). Delete it to start SAM's state afresh, or resume from another checkpoint."
+                f"Cannot resume SAM from {path}: the file cannot be read as a SAM state ({why}). Delete it to start "
+                "SAM's state afresh, or resume from another checkpoint."
             ) from err
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__

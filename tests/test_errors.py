@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 from hf_sam import SAMConfig, SAMMixin, SAMTrainer, SAMTrainingArguments, enable_sam
 from hf_sam.deepspeed_support import deepspeed_engine_reason
 from hf_sam.distributed import unsupported_setup_reason
+from hf_sam.integrations import check_sam_keys
 from hf_sam.perturbation import global_norm
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
@@ -41,6 +42,15 @@ def doc_rows() -> dict[str, tuple[str, str]]:
 
 def _args(tmp_path, **kwargs):
     return SAMTrainingArguments(**base_args(tmp_path), **kwargs)
+
+
+def _load_state(tmp_path, monkeypatch, damage, **sam):
+    """Resume SAM's state from `checkpoint-2/sam_state.pt` (a relative path: the message names it as given)."""
+    monkeypatch.chdir(tmp_path)
+    path = Path("checkpoint-2") / "sam_state.pt"
+    path.parent.mkdir()
+    damage(path)
+    _trainer(tmp_path, args=_args(tmp_path, **sam))._sam.load(str(path))
 
 
 def _trainer(tmp_path, model=None, args=None, **kwargs):
@@ -220,6 +230,14 @@ CASES = {
     "enable-sam-twice": lambda t, m: enable_sam(_trainer(t)),
     "enable-sam-not-a-trainer": lambda t, m: enable_sam(object()),
     "search-trial-rho": lambda t, m: _search_with_rho(t, -1.0),
+    # Resuming (the file's path as given; tests/test_transactions.py covers each damage through `train`)
+    "sam-state-unreadable": lambda t, m: _load_state(t, m, lambda path: path.write_bytes(b"")),
+    "sam-state-not-sam": lambda t, m: _load_state(t, m, lambda path: torch.save([1, 2, 3], path)),
+    "sam-state-bad-entry": lambda t, m: _load_state(
+        t, m, lambda path: torch.save({"config": {}, "friendly_ema": [1.0]}, path), sam_method="friendly"
+    ),
+    # Framework configs
+    "framework-sam-key-unknown": lambda t, m: check_sam_keys({"sam_rhoo": 0.1}, "the Axolotl config"),
     # Functions
     "global-norm-empty": lambda t, m: global_norm([]),
 }
