@@ -23,8 +23,8 @@ try:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "`hf_sam.trl` needs TRL: `pip install trl` (or `pip install 'hf-sam[examples]'`). `import hf_sam` works "
-        "without it."
+        "`hf_sam.trl` needs TRL: `pip install trl` (or hf_sam's `examples` extra, `pip install '.[examples]'` from "
+        "the repository). `import hf_sam` works without it."
     ) from error
 
 __all__ = ["SAMDPOConfig", "SAMDPOTrainer", "SAMSFTConfig", "SAMSFTTrainer"]
