@@ -44,7 +44,7 @@ from .perturbation import WeightBackup, perturb_, restore_
 from .rng import capture_rng_state, restore_rng_state
 from .schedules import leading_fraction, sam_step_index, scheduled_rho
 from .setup_checks import fused_backward_optimizer_reason
-from .side_effects import restore_bookkeeping, restore_buffers, save_buffers, snapshot_bookkeeping
+from .side_effects import PassStart, left_alone
 from .variants import VARIANTS, SAMVariant, StateError, StepContext, StepKind
 
 logger = logging.get_logger(__name__)
@@ -82,7 +82,7 @@ class SAMEngine:
         self._run_state: Any = None  # the `TrainerState` of the run the engine last saw: a new one is a new run
         self._step = -1  # the optimizer step whose micro-batches are running
         self._plan = StepPlan(StepKind.PLAIN)
-        self._stash: list[tuple[Any, Any, list]] = []  # per micro-batch: inputs, RNG state, buffers at its clean pass
+        self._stash: list[PassStart] = []  # per micro-batch whose clean pass ran: what it started from
         self.refresh()
 
     # ---- settings and runs -------------------------------------------------------------------------------------
@@ -150,55 +150,44 @@ class SAMEngine:
             self.begin_run()
         if self._step != self.trainer.state.global_step:
             self._begin_step()
-        self.ctx.micro_index += 1
-        plan = self._plan
+        ctx, plan = self.ctx, self._plan
+        ctx.micro_index += 1
         if plan.kind is StepKind.PLAIN:
-            return self.ctx.run_pass(model, inputs, num_items_in_batch)
+            return ctx.run_pass(model, inputs, num_items_in_batch)
         if plan.kind is StepKind.ONE_PASS:
-            loss = self.variant.one_pass(self.ctx, model, inputs, num_items_in_batch, plan.rho)
-            if self.ctx.is_last_micro_batch:
-                self._commit()
-            return loss
-        if self.config.accumulation == "micro":
-            return self._micro_step(model, inputs, num_items_in_batch)
-        return self._exact_step(model, inputs, num_items_in_batch)
+            loss = self.variant.one_pass(ctx, model, inputs, num_items_in_batch, plan.rho)
+        else:
+            loss = self._two_pass(model, inputs, num_items_in_batch)
+        if ctx.is_last_micro_batch:
+            self._commit()
+        return loss
 
-    def _exact_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        self._stash.append((inputs, capture_rng_state(), save_buffers(self.listing.buffer_owners(model))))
-        last, synchronise = self.ctx.is_last_micro_batch, self.config.sync == "global"
-        trainable = self.listing(model)
-        with self.sync.clean_pass(model, trainable, synchronise=last and synchronise) as clean_model:
-            clean_loss = self._clean_pass(clean_model, inputs, num_items_in_batch)
-        self.metrics.add_clean(clean_loss)
-        if not last:
-            return clean_loss
-        stash, self._stash = self._stash, []
-        self.sync.gradient_ready(all_reduce=synchronise)
-        self._perturbed_passes(model, trainable, stash, num_items_in_batch, set_aside=None)
-        self.sync.step()  # DeepSpeed: the engine's step, deferred past the restore
-        self._commit()
-        return clean_loss
-
-    def _micro_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        trainable = self.listing(model)
-        set_aside = [p.grad for p in trainable]  # the step's gradient so far: set aside, never wiped
-        for p in trainable:
-            p.grad = None
-        rng, buffers = capture_rng_state(), save_buffers(self.listing.buffer_owners(model))
-        synchronise = self.config.sync == "global"
+    def _two_pass(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """A micro-batch of a two-pass step: its clean pass, then, at the step's last micro-batch ("exact") or at each
+        one ("micro"), the perturbation and the perturbed passes of the micro-batches kept so far."""
+        micro, synchronise = self.config.accumulation == "micro", self.config.sync == "global"
+        last = self.ctx.is_last_micro_batch
+        perturb_now = micro or last
+        trainable, owners = self.listing(model), self.listing.buffer_owners(model)
+        self._stash.append(PassStart.capture(inputs, owners))
+        set_aside = [p.grad for p in trainable] if micro else None  # the step's gradient so far: set aside, not wiped
         try:
-            with self.sync.clean_pass(model, trainable, synchronise=synchronise) as clean_model:
+            for p in trainable if micro else ():
+                p.grad = None
+            with self.sync.clean_pass(model, trainable, synchronise=synchronise and perturb_now) as clean_model:
                 clean_loss = self._clean_pass(clean_model, inputs, num_items_in_batch)
-            self.sync.gradient_ready(all_reduce=synchronise)
+            if perturb_now:
+                self.sync.gradient_ready(all_reduce=synchronise)
         except BaseException:
-            for p, g in zip(trainable, set_aside):
+            for p, g in zip(trainable, set_aside or ()):
                 p.grad = g
             raise
         self.metrics.add_clean(clean_loss)
-        self._perturbed_passes(model, trainable, [(inputs, rng, buffers)], num_items_in_batch, set_aside)
-        if self.ctx.is_last_micro_batch:
-            self.sync.step()
-            self._commit()
+        if perturb_now:
+            stash, self._stash = self._stash, []
+            self._perturbed_passes(model, trainable, owners, stash, num_items_in_batch, set_aside)
+            if last:
+                self.sync.step()  # DeepSpeed: the engine's step, deferred past the restore
         return clean_loss
 
     def _clean_pass(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
@@ -213,7 +202,8 @@ class SAMEngine:
         self,
         model: nn.Module,
         trainable: list[torch.Tensor],
-        stash: list[tuple[Any, Any, list]],
+        owners: list,
+        stash: list[PassStart],
         num_items_in_batch: Any,
         set_aside: list[torch.Tensor | None] | None,
     ) -> None:
@@ -224,8 +214,9 @@ class SAMEngine:
         g_SAM = grad L(w + e)               (each micro-batch again, with its clean pass's RNG and buffers)
         w <- w                              (copied back; the optimizer then steps at w with g_SAM)
 
-        `set_aside` ("micro"): the step's gradient of the earlier micro-batches, put back before the perturbed pass
-        adds to it.
+        Besides the weights, what the clean pass(es) left is put back afterwards: the model's buffers (BatchNorm
+        statistics) and the Trainer subclass's own bookkeeping (TRL's token counts and metrics). `set_aside`
+        ("micro"): the step's gradient of the earlier micro-batches, put back before the perturbed pass adds to it.
         """
         params = [p for p in trainable if p.grad is not None]  # no gradient in the clean pass: not perturbed
         rho, variant, ctx = self._plan.rho, self.variant, self.ctx
@@ -233,7 +224,6 @@ class SAMEngine:
         backups = self.backup.buffers_for(params)
         e: list[torch.Tensor] = []
         skipped = torch.ones((), dtype=torch.bool)
-        saved, perturbed = None, False
         try:
             if params:
                 variant.direction_(ctx, params)  # .grad <- the direction to perturb along (g for SAM)
@@ -244,26 +234,19 @@ class SAMEngine:
                 p.grad = None
             for p, g in zip(trainable, set_aside or ()):
                 p.grad = g
-            # Besides the weights, put back afterwards what the clean pass(es) left: module buffers (BatchNorm
-            # statistics) and the Trainer subclass's own bookkeeping (TRL's token counts and metrics).
-            saved = save_buffers(self.listing.buffer_owners(model)), snapshot_bookkeeping(self.trainer)
-            ctx.in_perturbed_pass = perturbed = True
             last, micro = ctx.is_last_micro_batch, set_aside is not None
-            with self.sync.perturbed_passes():
-                for i, (micro_inputs, rng, buffers) in enumerate(stash):
-                    restore_rng_state(rng)  # same dropout masks as the clean pass
-                    restore_buffers(buffers)  # same running statistics as the clean pass
+            with left_alone(owners, self.trainer), self.sync.perturbed_passes():
+                ctx.in_perturbed_pass = True
+                for i, start in enumerate(stash):
+                    start.replay()  # the clean pass's dropout masks and running statistics
                     with self.sync.perturbed_pass(model, last=last and i == len(stash) - 1, micro=micro):
-                        self.metrics.add_perturbed(ctx.run_pass(model, micro_inputs, num_items_in_batch))
+                        self.metrics.add_perturbed(ctx.run_pass(model, start.inputs, num_items_in_batch))
             # The RNG now stands where one full pass over the micro-batches leaves it: as if SAM were off.
         except BaseException:
             self.sync.discard(model)  # a half-accumulated SAM gradient must not reach the optimizer
             restore_rng_state(after_clean_pass)
             raise
         finally:
-            if perturbed:
-                restore_buffers(saved[0])
-                restore_bookkeeping(self.trainer, saved[1])
             ctx.in_perturbed_pass = False
             restore_(params, backups)
         variant.after_perturbed_pass(ctx, params, e, rho, skipped)

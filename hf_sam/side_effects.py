@@ -19,15 +19,25 @@ model state of the clean pass and discards the perturbed pass's.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .perturbation import _group_by_device
+from .rng import RNGState, capture_rng_state, restore_rng_state
 
-__all__ = ["restore_bookkeeping", "restore_buffers", "save_buffers", "snapshot_bookkeeping"]
+__all__ = [
+    "PassStart",
+    "left_alone",
+    "restore_bookkeeping",
+    "restore_buffers",
+    "save_buffers",
+    "snapshot_bookkeeping",
+]
 
 
 def save_buffers(owners: Sequence[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:
@@ -120,3 +130,34 @@ def restore_bookkeeping(obj: Any, saved: dict[str, tuple[Any, Any]]) -> None:
             with torch.no_grad():
                 original.copy_(copied)  # an in-place `+=` changed the original object's values
         setattr(obj, name, original)
+
+
+# ---- what SAM's passes use of all this ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PassStart:
+    """What a micro-batch's clean pass started from: its inputs, every random stream and every buffer of the model.
+    Its perturbed pass starts from the same (`replay`): the same dropout masks, the same running statistics."""
+
+    inputs: Any
+    rng: RNGState
+    buffers: list
+
+    @classmethod
+    def capture(cls, inputs: Any, owners: Sequence[tuple[nn.Module, str]]) -> PassStart:
+        return cls(inputs, capture_rng_state(), save_buffers(owners))
+
+    def replay(self) -> None:
+        restore_rng_state(self.rng)
+        restore_buffers(self.buffers)
+
+
+@contextlib.contextmanager
+def left_alone(owners: Sequence[tuple[nn.Module, str]], obj: Any) -> Iterator[None]:
+    """The block runs, then the model's buffers and the plain-data attributes of `obj` (a Trainer's bookkeeping) are
+    put back to where they stood before it, also when it raises."""
+    buffers, bookkeeping = save_buffers(owners), snapshot_bookkeeping(obj)
+    try:
+        yield
+    finally:
+        restore_buffers(buffers)
+        restore_bookkeeping(obj, bookkeeping)
