@@ -14,8 +14,9 @@ SAMTrainer / SAMSFTTrainer otherwise; same data, data order, initialisation and 
   clock, warm-up steps dropped), as a multiple of AdamW's at the same seed.
 
 Over seeds: mean and spread (sample standard deviation) of each measure, and the difference to AdamW with a 95%
-interval paired by seed (t distribution, n - 1 degrees of freedom). Results: `results.json` (every run),
-`summary.json`, `table.md` and `pareto.png` (gain against cost) under `--out_dir`.
+interval paired by seed (t distribution, n - 1 degrees of freedom; `hf_sam.compare.stats`, the statistics
+`hf-sam compare` uses). Results: `results.json` (every run), `summary.json`, `table.md` and `pareto.png` (gain
+against cost) under `--out_dir`.
 
 Tasks (all embedded, offline):
 
@@ -55,6 +56,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the tasks, beside this script
 import benefit_tasks  # noqa: E402
 from benefit_tasks import TASKS, Task, TaskRun  # noqa: E402
 
+from hf_sam.compare import stats  # noqa: E402
+
 # A method is a name and its `sam_*` arguments; `None` is the AdamW baseline (the plain Trainer). "rho_scale"
 # multiplies the task's rho (ASAM's ball is in relative units, so larger), "lora_only" marks methods that need
 # adapters. A new `sam_method` is one line here.
@@ -76,11 +79,8 @@ BASELINE = "adamw"
 QUANT_GROUP = 64
 
 
-def _t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with `df` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, df))
+# The statistics, the table cells and the figure are hf_sam.compare.stats's, shared with `hf-sam compare`.
+_t975 = stats.t975  # the 97.5% quantile of Student's t with `df` degrees of freedom
 
 
 # ---- measures -------------------------------------------------------------------------------------------------------
@@ -301,71 +301,37 @@ def chosen_rhos(records: list[dict], task: str, noise: float) -> dict[str, float
 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
+FLATNESS = ["hessian_top", "sam_sharpness", "train_slice_loss"]
+
+
 def accuracy_keys(records: list[dict]) -> list[str]:
     """The accuracy measures every run of the group took: a mean over fewer seeds than the row's would mislead, so a
     measure some runs lack (extra seeds run without the robustness set) is left out of the row."""
     keys = ["accuracy", "merged"] + sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
-    return [k for k in keys if all(k in r for r in records)]
+    return stats.common_keys(records, keys)
 
 
-def paired(values: dict[int, float], base: dict[int, float]) -> dict[str, float]:
-    """Mean difference to the baseline over the seeds both have, with its 95% t interval."""
-    diffs = [values[s] - base[s] for s in values if s in base]
-    out = {"mean": statistics.fmean(diffs) if diffs else float("nan"), "n": len(diffs)}
-    if len(diffs) >= 2:
-        half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        out.update(low=out["mean"] - half, high=out["mean"] + half)
-    else:
-        out.update(low=float("nan"), high=float("nan"))
-    return out
+# Mean difference to the baseline over the seeds both have, with its 95% t interval.
+paired = stats.paired_difference
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, noise, method): mean and spread over seeds, paired differences to AdamW, cost."""
-    rows = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["task"], r["noise"], r["method"]), []).append(r)
-    for (task, noise, method), runs in groups.items():
-        base_runs = {r["seed"]: r for r in groups.get((task, noise, BASELINE), [])}
-        row: dict[str, Any] = {
-            "task": task,
-            "noise": noise,
-            "method": method,
-            "seeds": sorted(r["seed"] for r in runs),
-        }
-        accuracies = accuracy_keys(runs)
-        # a difference only for measures the baseline took too (runs before the merged-copy control lack it)
-        compared = set(accuracy_keys(list(base_runs.values()))) if base_runs and method != BASELINE else set()
-        for key in accuracies + ["hessian_top", "sam_sharpness", "train_slice_loss"]:
-            values = [r[key] for r in runs]
-            row[key] = {
-                "mean": statistics.fmean(values),
-                "sd": statistics.stdev(values) if len(values) > 1 else float("nan"),
-                "values": values,
-            }
-            if key in compared:
-                row[key]["diff"] = paired({r["seed"]: r[key] for r in runs}, {s: b[key] for s, b in base_runs.items()})
-        costs = [r["step_cpu_s"] / base_runs[r["seed"]]["step_cpu_s"] for r in runs if r["seed"] in base_runs]
-        row["cost_x_adamw"] = statistics.fmean(costs) if costs else float("nan")
-        row["step_cpu_s"] = statistics.fmean(r["step_cpu_s"] for r in runs)
-        rows.append(row)
-    # Tables list methods in METHODS' order (the baseline first), whatever order the runs were merged in; methods
-    # added with --method follow, in the order they first appear.
-    order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(rows, key=lambda row: order.get(row["method"], len(order)))
+    """One row per (task, noise, method): mean and spread over seeds, paired differences to AdamW (accuracies the
+    baseline took too), cost. Tables list methods in METHODS' order (the baseline first), whatever order the runs
+    were merged in; methods added with --method follow, in the order they first appear."""
+    return stats.summarize(
+        records,
+        metrics=lambda runs: accuracy_keys(runs) + FLATNESS,
+        group_by=("task", "noise", "method"),
+        baseline=BASELINE,
+        compared=accuracy_keys,
+        cost_key="step_cpu_s",
+        order=list(METHODS),
+    )
 
 
-def _pct(x: float) -> str:
-    return "—" if x is None or math.isnan(x) else f"{100 * x:.1f}"
-
-
-def _diff(d: dict | None) -> str:
-    if not d:
-        return "—"
-    if math.isnan(d["low"]):
-        return f"{100 * d['mean']:+.1f}"
-    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+_pct = stats.format_value  # a fraction as a percentage with one decimal, "—" for none
+_diff = stats.format_diff  # a paired difference in points: "+1.2 [-0.3, +2.7]"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -375,15 +341,22 @@ def format_table(rows: list[dict]) -> str:
         group = [r for r in rows if r["task"] == task and r["noise"] == noise]
         noise_keys = sorted({k for r in group for k in r if k.startswith("noise_")})  # a run may lack some
         control = ["merged"] if any("merged" in r for r in group) else []  # runs before the control lack it
-        head = (
-            "| method | seeds | held-out acc. (sd) | Δ vs AdamW [95% CI] | λ_max | SAM sharpness | "
-            + "acc. merged copy | " * len(control)
-            + "".join(f"acc. σ={k[6:]} | " for k in noise_keys)
-            + "acc. int8 | acc. 4-bit | Δ 4-bit vs AdamW [95% CI] | × AdamW step |"
-        )
-        out += [f"\n**{task}, label noise {noise:g}**\n", head, "|" + "---|" * head.count(" | ") + "---|"]
-        for r in group:
-            cells = [
+        header = [
+            "method",
+            "seeds",
+            "held-out acc. (sd)",
+            "Δ vs AdamW [95% CI]",
+            "λ_max",
+            "SAM sharpness",
+            *["acc. merged copy"] * len(control),
+            *[f"acc. σ={k[6:]}" for k in noise_keys],
+            "acc. int8",
+            "acc. 4-bit",
+            "Δ 4-bit vs AdamW [95% CI]",
+            "× AdamW step",
+        ]
+        cells = [
+            [
                 r["method"],
                 str(len(r["seeds"])),
                 f"{_pct(r['accuracy']['mean'])} ({_pct(r['accuracy']['sd'])})",
@@ -396,40 +369,25 @@ def format_table(rows: list[dict]) -> str:
                 _diff(r["int4"].get("diff")) if "int4" in r else "—",
                 f"{r['cost_x_adamw']:.2f}",
             ]
-            out.append("| " + " | ".join(cells) + " |")
+            for r in group
+        ]
+        out += [f"\n**{task}, label noise {noise:g}**\n", *stats.markdown_table(header, cells)]
     return "\n".join(out) + "\n"
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
     """Gain in held-out accuracy over AdamW (95% paired interval) against cost per step, one panel per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys((r["task"], r["noise"]) for r in rows))
-    cols = min(2, len(settings))  # two panels a row: wide enough for the method labels
-    rows_n = math.ceil(len(settings) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 4.6 * rows_n), squeeze=False)
-    for ax in axes.flat[len(settings) :]:
-        ax.set_visible(False)
-    for ax, (task, noise) in zip(axes.flat, settings):
-        for r in rows:
-            if (r["task"], r["noise"]) != (task, noise):
-                continue
-            d = r["accuracy"].get("diff") or {"mean": 0.0, "low": float("nan"), "high": float("nan")}
-            y = 100 * d["mean"]
-            err = None if math.isnan(d["low"]) else [[y - 100 * d["low"]], [100 * d["high"] - y]]
-            ax.errorbar(r["cost_x_adamw"], y, yerr=err, fmt="o", capsize=3)
-            ax.annotate(r["method"], (r["cost_x_adamw"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(f"{task}, label noise {noise:g}")
-        ax.set_xlabel("CPU time per step, × AdamW")
-        ax.set_ylabel("held-out accuracy − AdamW (points)")
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    stats.plot_benefit_vs_cost(
+        rows,
+        path,
+        metric="accuracy",
+        panel=lambda r: (r["task"], r["noise"]),
+        title=lambda setting: f"{setting[0]}, label noise {setting[1]:g}",
+        scale=100,
+        baseline=BASELINE,
+        xlabel="CPU time per step, × AdamW",
+        ylabel="held-out accuracy − AdamW (points)",
+    )
 
 
 def hardware() -> dict[str, Any]:

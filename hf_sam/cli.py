@@ -1,7 +1,11 @@
-"""The `hf-sam` command: compare the sharpness of checkpoints and plot their loss landscapes.
+"""The `hf-sam` command: compare the sharpness of checkpoints, plot their loss landscapes, compare methods.
 
     hf-sam sharpness MODEL [MODEL ...] --data eval.jsonl [--rho 0.05] [--hessian] [--trace]
     hf-sam landscape MODEL [MODEL ...] --data eval.jsonl --out landscape.png [--dims 2] [--interpolate]
+    hf-sam compare [--methods adamw sam ...] [--seeds 0 1 2] [--metric NAME ...] -- python train.py ARGS ...
+
+`compare` trains: it runs the command after `--` once per (method, seed) and compares the metrics against AdamW
+(`hf_sam/compare/runner.py`, docs/compare.md). The rest of this module is about `sharpness` and `landscape`.
 
 A MODEL is a local checkpoint directory (`save_pretrained` / Trainer checkpoint) or a PEFT adapter directory (its
 base model is loaded from the adapter config's `base_model_name_or_path`). Data is a local .jsonl, .json or .csv
@@ -409,7 +413,8 @@ def _point(ls: Any, index: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `hf-sam`."""
     parser = argparse.ArgumentParser(
-        prog="hf-sam", description="Measure and compare the sharpness of Hugging Face checkpoints."
+        prog="hf-sam",
+        description="Measure and compare the sharpness of Hugging Face checkpoints; compare SAM with AdamW on a task.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -468,13 +473,35 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--relative", action="store_true", help="plot the rise above each model's own loss")
     ls.add_argument("--title")
     ls.set_defaults(func=_landscape)
+
+    from .compare import runner  # the standard library and hf_sam.compare.stats only, until it runs
+
+    c = sub.add_parser(
+        "compare",
+        help="train with each method and seed (the command after --) and compare the metrics against AdamW",
+        usage="hf-sam compare [options] -- COMMAND [ARG ...]",
+        description="Run the training command after `--` once per (method, seed), each in its own process and "
+        "output folder, and compare each method's metrics with AdamW's: mean, sd, the difference paired by seed with "
+        "its 95% t interval, time per step. Interrupted comparisons resume. See docs/compare.md.",
+    )
+    runner.add_arguments(c)
+    c.set_defaults(func=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `hf-sam`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = None
+    if argv[:1] == ["compare"] and "--" in argv:  # the training command: everything after the first `--`
+        cut = argv.index("--")
+        argv, script = argv[:cut], argv[cut + 1 :]
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        from .compare import runner
+
+        return runner.main(args, script)
     for name in ("batch_size", "max_length", "max_batches", "steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
