@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import base_args, lm_dataset, tiny_llama, tiny_llama_config
+from testing_utils import base_args, lm_dataset, tiny_llama, tiny_llama_config
 from torch import nn
 
 from hf_sam.analysis import (

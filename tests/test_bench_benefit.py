@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import lm_dataset, load_benchmark_script, tiny_llama
+from testing_utils import lm_dataset, load_benchmark_script, tiny_llama
 
 
 def test_quick_digits_run_writes_every_measure(tmp_path, capsys):
@@ -109,7 +109,7 @@ def test_tables_list_methods_in_the_scripts_order_whatever_the_merge_order():
 def test_robustness_measures_the_perturbed_copy_of_a_trl_trained_lora_model(tmp_path):
     """TRL patches the LM's forward with a closure over the original module; the measured copy must not run it."""
     from peft import LoraConfig
-    from test_trl import tiny_tokenizer
+    from testing_utils import tiny_tokenizer
     from trl import SFTConfig, SFTTrainer
 
     bench = load_benchmark_script("bench_benefit")

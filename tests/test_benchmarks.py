@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import load_benchmark_script
+from testing_utils import load_benchmark_script
 
 
 def test_quick_tiny_benchmark_prints_every_row(tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import base_args, lm_dataset, tiny_llama
+from testing_utils import base_args, lm_dataset, tiny_llama
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments

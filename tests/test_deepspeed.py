@@ -21,8 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _launch import REPO, free_port, run_launch, torchrun_arguments, update_error
-from conftest import base_args
+from testing_utils import REPO, base_args, free_port, run_launch, torchrun_arguments, update_error
 
 from hf_sam import SAMConfig, SAMTrainingArguments
 from hf_sam.deepspeed_support import (

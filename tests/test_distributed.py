@@ -15,8 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _launch import REPO, run_launch, torchrun_arguments, update_error
-from conftest import base_args, lm_dataset, tiny_llama
+from testing_utils import REPO, base_args, lm_dataset, run_launch, tiny_llama, torchrun_arguments, update_error
 from transformers import TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import base_args, lm_dataset, tiny_llama
+from testing_utils import base_args, lm_dataset, tiny_llama
 from transformers import TrainingArguments
 
 from hf_sam import SAMConfig, SAMMixin, SAMTrainer, SAMTrainingArguments, enable_sam

@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import math
 
-import conftest
 import pytest
+import testing_utils
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from testing_utils import regression_dataset
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
 
 
-def regression_dataset(n: int = 16, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    return Dataset.from_dict({"x": x.tolist(), "labels": (x.sum(-1) + 0.1).tolist()})
-
-
 def sgd_args(tmp_path, **overrides) -> dict:
-    return conftest.sgd_args(tmp_path, **{"learning_rate": 0.1, **overrides})
+    return testing_utils.sgd_args(tmp_path, **{"learning_rate": 0.1, **overrides})
 
 
 class Regression(nn.Module):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_args, lm_dataset, sgd_args, tiny_llama
 from datasets import Dataset
+from testing_utils import BatchNormRegressor, base_args, lm_dataset, regression_data, sgd_args, tiny_llama
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -24,33 +24,7 @@ from hf_sam import SAMConfig, SAMMixin, SAMTrainer, SAMTrainingArguments, enable
 TINY_RHO = 1e-12
 
 
-# ---- models with state besides their weights ------------------------------------------------------------------------
-class RunningStat(nn.Module):
-    """A running statistic that is not BatchNorm: re-assigned (`mean`) and updated in place (`count`)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
-            self.count += 1
-        return x - self.mean
-
-
-class BatchNormRegressor(nn.Module):
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.inp, self.bn, self.stat, self.out = nn.Linear(4, 8), nn.BatchNorm1d(8), RunningStat(8), nn.Linear(8, 1)
-
-    def forward(self, x, labels):
-        prediction = self.out(torch.relu(self.stat(self.bn(self.inp(x))))).squeeze(-1)
-        return {"loss": F.mse_loss(prediction, labels)}
-
-
+# ---- models with state besides their weights (BatchNormRegressor: testing_utils, shared with ddp_batchnorm.py) ------
 class NumpyMasked(nn.Module):
     """Masks its input with NumPy (as SpecAugment does) and drops a layer with Python's `random` (LayerDrop)."""
 
@@ -68,12 +42,6 @@ class NumpyMasked(nn.Module):
         if not skip:
             h = torch.relu(self.hidden(h))
         return {"loss": F.mse_loss(self.out(h).squeeze(-1), labels)}
-
-
-def regression_data(n: int = 16, seed: int = 3) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    return Dataset.from_dict({"x": x.tolist(), "labels": (x.sum(1) + 0.1 * torch.randn(n, generator=g)).tolist()})
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +83,7 @@ def test_buffers_are_left_as_the_clean_pass_leaves_them(tmp_path, accumulation, 
 
 
 def test_buffer_check_fails_without_the_restore(tmp_path, monkeypatch):
-    monkeypatch.setattr("hf_sam.engine.restore_buffers", lambda saved: None)
+    monkeypatch.setattr("hf_sam.side_effects.restore_buffers", lambda saved: None)
     plain, sam = train_pair(tmp_path, BatchNormRegressor, dict(sam_rho=TINY_RHO))
     assert int(sam.bn.num_batches_tracked) == 2 * int(plain.bn.num_batches_tracked)
     with pytest.raises(AssertionError):

@@ -7,27 +7,22 @@ import copy
 
 import pytest
 import torch
-from conftest import (
+from references import flat_norm, reference_sam_sgd, window_loss, windows_of
+from testing_utils import (
     assert_learning_rate_zero_never_changes_the_weights,
     assert_tiny_rho_reproduces_the_plain_trainer,
     assert_updates_close,
     base_args,
     lm_dataset,
+    resume_run,
     sgd_args,
     tiny_llama,
     trainable_state,
 )
-from test_no_host_sync import host_reads  # noqa: F401 (a fixture)
-from test_resume import run as resume_run
-from test_trainer import reference_sam_sgd, window_loss, windows_of
 from torch.func import grad
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 from hf_sam.variants.friendly import friendly_direction_
-
-
-def flat_norm(d):
-    return torch.sqrt(sum((v**2).sum() for v in d.values()))
 
 
 # ---- Friendly SAM -------------------------------------------------------------------------------------------------
@@ -109,7 +104,7 @@ def test_learning_rate_zero_never_changes_the_weights(tmp_path):
     assert_learning_rate_zero_never_changes_the_weights(training_kwargs, "friendly")
 
 
-def test_no_host_reads_in_the_step(tmp_path, host_reads):  # noqa: F811
+def test_no_host_reads_in_the_step(tmp_path, host_reads):
     """Nothing in the friendly step reads a value back from the device (a synchronisation on a GPU)."""
     args = SAMTrainingArguments(
         **base_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),

@@ -12,19 +12,26 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from datasets import Dataset
+from references import BETAS, EPS, LR, reference_sam_sgd, windows_of
+from testing_utils import (
+    TRL_METRICS,
     VOCAB,
+    adam_args,
     assert_updates_close,
     base_args,
     lm_dataset,
+    resume_run,
+    sft_dataset,
     sgd_args,
     tiny_llama,
     tiny_llama_config,
+    tiny_policy,
+    tiny_tokenizer,
+    train_logs,
     trainable_state,
+    trl_sgd_args,
 )
-from datasets import Dataset
-from test_preconditioned import BETAS, EPS, LR, adam_args
-from test_trainer import reference_sam_sgd, windows_of
 from torch.func import functional_call, grad, vjp
 from transformers import LlamaForSequenceClassification, Trainer, TrainingArguments
 
@@ -307,18 +314,16 @@ def test_refusals(tmp_path):
 
 def test_resume_is_bit_identical(tmp_path):
     """Functional-SAM keeps no state across steps (dL/dF lives within one step): a resumed run needs none."""
-    from test_resume import run
-
     sam = {"sam_method": "functional"}
-    full = run(tmp_path / "full", 4, None, sam)
-    resumed = run(tmp_path / "resumed", 4, str(tmp_path / "full" / "checkpoint-2"), sam)
+    full = resume_run(tmp_path / "full", 4, None, sam)
+    resumed = resume_run(tmp_path / "resumed", 4, str(tmp_path / "full" / "checkpoint-2"), sam)
     for name, value in full.items():
         assert torch.equal(resumed[name], value), name
 
 
 def test_trl_sft(tmp_path):
     """TRL's SFTTrainer scores with a fused LM head that never builds the logits; SAM passes use the plain head."""
-    from test_trl import TRL_METRICS, sft_dataset, sgd, tiny_policy, tiny_tokenizer, train_logs
+    pytest.importorskip("trl")
     from trl import SFTConfig, SFTTrainer
 
     from hf_sam.trl import SAMSFTConfig, SAMSFTTrainer
@@ -326,7 +331,7 @@ def test_trl_sft(tmp_path):
     model = tiny_policy().double()
     reference = copy.deepcopy(model)
     start, data, tokenizer = trainable_state(model), sft_dataset(), tiny_tokenizer()
-    kwargs = sgd(tmp_path, per_device_train_batch_size=4, max_steps=2)
+    kwargs = trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2)
     trainer = SAMSFTTrainer(
         model=model, args=SAMSFTConfig(**kwargs, sam_rho=0.1, sam_method="functional"), train_dataset=data,
         processing_class=tokenizer,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark_script
+from testing_utils import load_benchmark_script
 from torch.autograd import DeviceType
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"

@@ -8,19 +8,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from references import flat_norm, window_loss, windows_of
+from testing_utils import (
     assert_learning_rate_zero_never_changes_the_weights,
     assert_tiny_rho_reproduces_the_plain_trainer,
     assert_updates_close,
     base_args,
     lm_dataset,
+    regression_dataset,
+    resume_run,
     sgd_args,
     tiny_llama,
     trainable_state,
 )
-from test_no_host_sync import host_reads  # noqa: F401 (a fixture)
-from test_resume import run as resume_run
-from test_trainer import regression_dataset, window_loss, windows_of
 from torch import nn
 from torch.func import grad
 
@@ -37,10 +37,6 @@ class ForwardCounter:
 
     def _hook(self, *_):
         self.count += 1
-
-
-def flat_norm(d):
-    return torch.sqrt(sum((v**2).sum() for v in d.values()))
 
 
 # ---- perturbation along given directions --------------------------------------------------------------------------
@@ -201,7 +197,7 @@ def test_msam_needs_an_optimizer_with_momentum(tmp_path):
         SAMConfig(method="msam", adaptive=True)
 
 
-def test_no_host_reads_in_the_step(tmp_path, host_reads):  # noqa: F811
+def test_no_host_reads_in_the_step(tmp_path, host_reads):
     """Nothing in the msam step reads a value back from the device (a synchronisation on a GPU)."""
     args = SAMTrainingArguments(
         **base_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),

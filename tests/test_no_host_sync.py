@@ -1,39 +1,18 @@
 """The per-step path reads nothing back from the device: on a GPU every such read is a synchronisation.
 
-On CPU the reads are free, so the test catches them where they would cost on a GPU: it wraps the tensor methods that
-copy a value to the host and records any call made from hf_sam's own code outside logging.
+On CPU the reads are free, so the test catches them where they would cost on a GPU: the `host_reads` fixture
+(conftest.py, from `testing_utils.record_host_reads`) wraps the tensor methods that copy a value to the host and
+records any call made from hf_sam's own code outside logging.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import base_args, lm_dataset, tiny_llama
+from testing_utils import PACKAGE_DIR, base_args, lm_dataset, tiny_llama
 
-import hf_sam
 from hf_sam import SAMTrainer, SAMTrainingArguments
-
-PACKAGE_DIR = str(Path(hf_sam.__file__).parent)
-HOST_READS = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"]
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    calls: list[str] = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _original=original, _name=name, **kwargs):
-            frame = sys._getframe(1)
-            if frame.f_code.co_filename.startswith(PACKAGE_DIR) and frame.f_code.co_name != "pop":
-                calls.append(f"{_name} in {frame.f_code.co_name} ({Path(frame.f_code.co_filename).name})")
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    return calls
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, base_args, tiny_llama
 from datasets import Dataset
+from testing_utils import VOCAB, base_args, tiny_llama
 
 from hf_sam import SAMConfig, SAMMixin, enable_sam
 from hf_sam.setup_checks import check_before_setup, generating_trainer_reason

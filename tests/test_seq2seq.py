@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_updates_close, sgd_args, trainable_state
 from datasets import Dataset
+from testing_utils import assert_updates_close, sgd_args, trainable_state
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
 
 from hf_sam import SAMConfig, SAMMixin

@@ -1,4 +1,5 @@
-"""SAMTrainer against an independent SAM reference written from the formulas, and its guarantees inside Trainer."""
+"""SAMTrainer against an independent SAM reference written from the formulas (`references.py`), and its guarantees
+inside Trainer."""
 
 from __future__ import annotations
 
@@ -8,76 +9,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
-from datasets import Dataset
+from references import reference_sam_sgd, windows_of
+from testing_utils import (
+    assert_updates_close,
+    base_args,
+    lm_dataset,
+    regression_dataset,
+    sgd_args,
+    tiny_llama,
+    trainable_state,
+)
 from torch import nn
-from torch.func import functional_call, grad
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference: SAM / ASAM with plain SGD, written from Foret et al. (2021) and Kwon et al. (2021), no hf_sam code.
+# Against the reference: SAM / ASAM with plain SGD (references.reference_sam_sgd)
 
 
-def window_loss(model, params, micro_batches, n_items):
-    """Causal-LM loss of a gradient-accumulation window: summed token cross-entropy / tokens in the window."""
-    total = 0.0
-    for ids in micro_batches:
-        logits = functional_call(model, params, (ids,)).logits.float()  # as the model's own loss does
-        total = total + F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-    return total / n_items
-
-
-def sam_perturbation(params, g, rho, adaptive, eta):
-    if adaptive:  # e = rho T^2 g / ||T g||, T = |w| + eta
-        t = {k: params[k].abs() + eta for k in g}
-        norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in g))
-        return {k: rho * t[k] ** 2 * g[k] / norm for k in g}
-    norm = torch.sqrt(sum((g[k] ** 2).sum() for k in g))  # e = rho g / ||g||
-    return {k: rho * g[k] / norm for k in g}
-
-
-def reference_sam_sgd(model, windows, lr, rho, adaptive=False, eta=0.01, accumulation="exact", clip=None):
-    """Run SAM with SGD over `windows` (a list of lists of micro-batches); return the final trainable params."""
-    params = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-
-    def loss(p, micro, n):
-        return window_loss(model, {**frozen, **p}, micro, n)
-
-    for micro_batches in windows:
-        n_items = sum(ids[:, 1:].numel() for ids in micro_batches)
-        groups = [micro_batches] if accumulation == "exact" else [[m] for m in micro_batches]
-        sam_grad = {k: torch.zeros_like(v) for k, v in params.items()}
-        for group in groups:  # "micro": one perturbation per micro-batch (m-sharpness)
-            g = grad(loss)(params, group, n_items)
-            e = sam_perturbation(params, g, rho, adaptive, eta)
-            g_sam = grad(loss)({k: params[k] + e[k] for k in params}, group, n_items)
-            sam_grad = {k: sam_grad[k] + g_sam[k] for k in params}
-        if clip is not None:  # torch.nn.utils.clip_grad_norm_ semantics
-            total = torch.sqrt(sum((v**2).sum() for v in sam_grad.values()))
-            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
-            sam_grad = {k: v * coef for k, v in sam_grad.items()}
-        params = {k: params[k] - lr * sam_grad[k] for k in params}
-    return params
-
-
-def windows_of(dataset, batch_size, accumulation_steps, steps):
-    """The micro-batches a sequential sampler feeds, grouped per optimizer step."""
-    ids = torch.tensor(dataset["input_ids"])
-    micro = list(ids.split(batch_size))
-    out, i = [], 0
-    for _ in range(steps):
-        window = []
-        for _ in range(accumulation_steps):
-            window.append(micro[i % len(micro)])
-            i += 1
-        out.append(window)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "adaptive,accumulation,tied",
     [(False, "exact", False), (False, "micro", True), (True, "exact", True), (True, "micro", False)],
@@ -214,12 +164,6 @@ class Branchy(nn.Module):
         if self.calls % 2 == 1:
             y = y + x @ self.extra
         return {"loss": F.mse_loss(y, labels)}
-
-
-def regression_dataset(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    return Dataset.from_dict({"x": x.tolist(), "labels": (x.sum(-1) + 0.1).tolist()})
 
 
 def test_parameter_without_gradient_in_a_pass_is_left_exact(tmp_path):

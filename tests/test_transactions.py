@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import base_args, lm_dataset, tiny_llama
+from testing_utils import base_args, lm_dataset, tiny_llama
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 

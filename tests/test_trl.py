@@ -10,63 +10,27 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, assert_updates_close, base_args, sgd_args, tiny_llama, trainable_state
-from datasets import Dataset
+from testing_utils import (
+    TRL_METRICS,
+    assert_updates_close,
+    base_args,
+    dpo_dataset,
+    sft_dataset,
+    tiny_policy,
+    tiny_tokenizer,
+    train_logs,
+    trainable_state,
+    trl_sgd_args,
+)
 from torch.func import functional_call, grad
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_sam import SAMConfig, SAMMixin  # noqa: E402
 from hf_sam.trl import SAMDPOConfig, SAMDPOTrainer, SAMSFTConfig, SAMSFTTrainer  # noqa: E402
-
-SPECIAL = ["<pad>", "<eos>", "<unk>"]
-WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
-TRL_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}assistant {% endif %}"
-    )
-    return fast
-
-
-def tiny_policy(seed: int = 0):
-    return tiny_llama(seed, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-
-
-def _words(g: torch.Generator, low: int, high: int) -> str:
-    n = int(torch.randint(low, high + 1, (1,), generator=g))
-    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())
-
-
-def sft_dataset(n: int = 8, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    return Dataset.from_list([{"prompt": _words(g, 2, 6), "completion": " " + _words(g, 1, 4)} for _ in range(n)])
-
-
-def dpo_dataset(n: int = 8, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    rows = [
-        {"prompt": _words(g, 2, 5), "chosen": " " + _words(g, 1, 4), "rejected": " " + _words(g, 1, 4)}
-        for _ in range(n)
-    ]
-    return Dataset.from_list(rows)
-
-
-def sgd(tmp_path, **overrides) -> dict:
-    # TRL's configs default to bf16 autocast; the references below are float32/float64.
-    return sgd_args(tmp_path, **{"max_length": 32, "bf16": False, **overrides})
 
 
 def sam_sgd_reference(params, loss_of_params, batches, lr, rho):
@@ -77,10 +41,6 @@ def sam_sgd_reference(params, loss_of_params, batches, lr, rho):
         g_sam = grad(loss_of_params)({k: params[k] + rho * g[k] / norm for k in params}, batch)
         params = {k: params[k] - lr * g_sam[k] for k in params}
     return params
-
-
-def train_logs(trainer) -> list[dict]:
-    return [h for h in trainer.state.log_history if "loss" in h]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +64,7 @@ def test_sft_update_is_sam_on_the_completion_only_loss(tmp_path):
     model = tiny_policy().double()
     reference = copy.deepcopy(model)
     start = trainable_state(model)
-    args = SAMSFTConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=2), sam_rho=0.05)
+    args = SAMSFTConfig(**trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2), sam_rho=0.05)
     trainer = SAMSFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
     batches = list(trainer.get_train_dataloader())[:2]
     assert all((b["labels"][:, 0] == -100).all() for b in batches)  # the prompts are masked out of the loss
@@ -122,7 +82,7 @@ def test_sft_update_is_sam_on_the_completion_only_loss(tmp_path):
 @pytest.mark.parametrize("accumulation", ["exact", "micro"])
 def test_sft_metrics_are_the_clean_pass_ones(tmp_path, accumulation, monkeypatch):
     data, tokenizer = sft_dataset(), tiny_tokenizer()
-    kwargs = sgd(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    kwargs = trl_sgd_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
     plain = SFTTrainer(model=tiny_policy(), args=SFTConfig(**kwargs), train_dataset=data, processing_class=tokenizer)
     plain.train()
     args = SAMSFTConfig(**kwargs, sam_accumulation=accumulation)
@@ -153,7 +113,7 @@ def test_sft_metrics_are_the_clean_pass_ones(tmp_path, accumulation, monkeypatch
         return train_logs(trainer)
 
     assert [log["num_tokens"] for log in one_line_run()] == [log["num_tokens"] for log in plain_logs]
-    monkeypatch.setattr("hf_sam.engine.restore_bookkeeping", lambda obj, saved: None)
+    monkeypatch.setattr("hf_sam.side_effects.restore_bookkeeping", lambda obj, saved: None)
     assert one_line_run()[-1]["num_tokens"] == 2 * plain_logs[-1]["num_tokens"]
 
 
@@ -164,7 +124,9 @@ def test_sft_lora_trains_the_adapters_only(tmp_path):
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
     adapters = trainable_state(model)
     assert adapters and all("lora_" in k for k in adapters)
-    args = SAMSFTConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=3, learning_rate=0.1), sam_rho=0.1)
+    args = SAMSFTConfig(
+        **trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=3, learning_rate=0.1), sam_rho=0.1
+    )
     trainer = SAMSFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
     trainer.train()
     for k, v in model.named_parameters():
@@ -225,7 +187,7 @@ def test_dpo_update_is_sam_against_an_unperturbed_reference(tmp_path):
     reference_policy = copy.deepcopy(policy)
     ref_before = {k: v.clone() for k, v in ref_model.state_dict().items()}
     start = trainable_state(policy)
-    args = SAMDPOConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=2, beta=0.5), sam_rho=0.1)
+    args = SAMDPOConfig(**trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2, beta=0.5), sam_rho=0.1)
     trainer = SAMDPOTrainer(
         model=policy, ref_model=ref_model, args=args, train_dataset=dpo_dataset(), processing_class=tiny_tokenizer()
     )
@@ -252,7 +214,7 @@ def test_dpo_update_is_sam_against_an_unperturbed_reference(tmp_path):
 
 def test_dpo_metrics_are_the_clean_pass_ones(tmp_path):
     data, tokenizer = dpo_dataset(), tiny_tokenizer()
-    kwargs = sgd(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=0.05)
+    kwargs = trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=0.05)
     plain = DPOTrainer(
         model=tiny_policy(0), ref_model=tiny_policy(1), args=DPOConfig(**kwargs), train_dataset=data,
         processing_class=tokenizer,
@@ -272,7 +234,7 @@ def test_dpo_metrics_are_the_clean_pass_ones(tmp_path):
 
 def test_dpo_with_precomputed_reference_log_probs_gives_the_same_update(tmp_path):
     data, tokenizer = dpo_dataset(), tiny_tokenizer()
-    kwargs = sgd(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=0.05)
+    kwargs = trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=0.05)
     results = []
     for precompute in (False, True):
         policy = tiny_policy(0)
@@ -293,7 +255,9 @@ def test_dpo_lora_reference_is_the_unperturbed_base(tmp_path):
     model = peft.get_peft_model(
         tiny_policy(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
-    args = SAMDPOConfig(**sgd(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=0.1), sam_rho=0.5)
+    args = SAMDPOConfig(
+        **trl_sgd_args(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=0.1), sam_rho=0.5
+    )
     trainer = SAMDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(), processing_class=tiny_tokenizer())
     assert trainer.ref_model is None
     # The base and any frozen reference copy of the adapter (TRL may add one) must come out bit for bit.

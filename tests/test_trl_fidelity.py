@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
 from datasets import Dataset
-from test_trl import dpo_dataset, sft_dataset, sgd, tiny_policy, tiny_tokenizer, train_logs
+from testing_utils import dpo_dataset, sft_dataset, tiny_llama, tiny_policy, tiny_tokenizer, train_logs, trl_sgd_args
 
 trl = pytest.importorskip("trl")
 
@@ -50,7 +49,7 @@ TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_line_mixin_logs_what_the_plain_trl_trainer_logs(tmp_path, name):
     trainer_cls, config_cls, make_model, make_data = CASES[name]()
-    kwargs = sgd(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    kwargs = trl_sgd_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
     if name == "kto":
         kwargs["per_device_train_batch_size"] = 4  # KTO needs more than one example per micro-batch for its KL term
     data, tokenizer = make_data(), tiny_tokenizer()
@@ -79,7 +78,7 @@ def test_one_line_mixin_logs_what_the_plain_trl_trainer_logs(tmp_path, name):
 def test_trl_model_cards_name_sam(tmp_path):
     from hf_sam.trl import SAMSFTConfig, SAMSFTTrainer
 
-    args = SAMSFTConfig(**sgd(tmp_path), sam_rho=0.1, sam_method="looksam")
+    args = SAMSFTConfig(**trl_sgd_args(tmp_path), sam_rho=0.1, sam_method="looksam")
     trainer = SAMSFTTrainer(
         model=tiny_policy(), args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer()
     )
@@ -89,7 +88,7 @@ def test_trl_model_cards_name_sam(tmp_path):
     assert "- sam_rho: 0.1" in card and "- sam_method: looksam" in card and "liu2022looksam" in card
     mixed = type("SAMDPO", (SAMMixin, trl.DPOTrainer), {})
     dpo = mixed(
-        model=tiny_policy(), ref_model=tiny_policy(1), args=trl.DPOConfig(**sgd(tmp_path / "dpo")),
+        model=tiny_policy(), ref_model=tiny_policy(1), args=trl.DPOConfig(**trl_sgd_args(tmp_path / "dpo")),
         train_dataset=dpo_dataset(), processing_class=tiny_tokenizer(), sam_config=SAMConfig(rho=0.2),
     )  # fmt: skip
     dpo.create_model_card()
@@ -101,7 +100,7 @@ def test_enable_sam_on_sft_trainer_equals_the_class_level_mixin(tmp_path):
     from hf_sam import enable_sam
     from hf_sam.trl import SAMSFTTrainer
 
-    kwargs = sgd(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    kwargs = trl_sgd_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
     data, tokenizer, config = sft_dataset(), tiny_tokenizer(), SAMConfig(rho=0.1)
     built = trl.SFTTrainer(
         model=tiny_policy(), args=trl.SFTConfig(**kwargs), train_dataset=data, processing_class=tokenizer

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
-from test_trainer import reference_sam_sgd, sam_perturbation, window_loss, windows_of
+from references import reference_sam_sgd, sam_perturbation, window_loss, windows_of
+from testing_utils import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
 from torch.func import grad
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments

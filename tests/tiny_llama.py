@@ -1,8 +1,8 @@
 """The tiny Llama every test trains: one definition, needing only torch and transformers.
 
-Imported by `conftest.py` (pytest, main venv), by the DeepSpeed scripts in `dist_scripts/` (torchrun in the DeepSpeed
-venv, which has neither pytest nor datasets) and by `scripts/tiny_llm.py` (the framework venvs), each with this folder
-put on `sys.path`.
+Imported by `testing_utils.py` (the tests, main venv), by the DeepSpeed scripts in `dist_scripts/` (torchrun in the
+DeepSpeed venv, which has neither pytest nor datasets) and by `scripts/tiny_llm.py` (the framework venvs), each with
+this folder put on `sys.path`.
 """
 
 from __future__ import annotations

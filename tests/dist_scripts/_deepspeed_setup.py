@@ -1,7 +1,7 @@
 """The setting both DeepSpeed scripts train in: a tiny Llama, its data, the Trainer's arguments, the ZeRO configs.
 
 Imported by `deepspeed_trainer.py` and `deepspeed_probe.py` from their own folder (first on `sys.path` when a script
-runs); not `tests/conftest.py`, since the DeepSpeed venv has neither pytest nor datasets (the model comes from
+runs); not `tests/testing_utils.py`, since the DeepSpeed venv has neither pytest nor datasets (the model comes from
 `tests/tiny_llama.py`, which needs only transformers). Tiny Llama, fp32, SGD lr 0.5,
 global batch 4 (split over the ranks), accumulation 2, 2 steps, sequential data: the setting of the DDP tests.
 """

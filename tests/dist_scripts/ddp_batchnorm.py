@@ -1,9 +1,10 @@
 """BatchNorm under DDP with SAMTrainer (launched by `tests/test_distributed.py` with `torchrun`, gloo on CPU).
 
-Trains the BatchNorm regressor of `test_fidelity.py` (BatchNorm and a custom running statistic) with the plain
-Trainer and with SAMTrainer (rho -> 0 and rho = 0.5, `exact` and `micro` accumulation, gradient accumulation 2), and
-saves each rank's final `state_dict` (weights and buffers). DDP broadcasts rank 0's buffers at every forward.
-`SyncBatchNorm` cannot run here: DDP refuses it with CPU modules ("SyncBatchNorm layers only work with GPU modules").
+Trains the BatchNorm regressor of `testing_utils.py` (BatchNorm and a custom running statistic; `test_fidelity.py`
+trains it in one process) with the plain Trainer and with SAMTrainer (rho -> 0 and rho = 0.5, `exact` and `micro`
+accumulation, gradient accumulation 2), and saves each rank's final `state_dict` (weights and buffers). DDP
+broadcasts rank 0's buffers at every forward. `SyncBatchNorm` cannot run here: DDP refuses it with CPU modules
+("SyncBatchNorm layers only work with GPU modules").
 
 Usage: torchrun --nproc_per_node 2 ddp_batchnorm.py OUT_DIR
 """
@@ -18,8 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder
 from _process_group import end_process_group  # noqa: E402
-from conftest import sgd_args  # noqa: E402
-from test_fidelity import BatchNormRegressor, regression_data  # noqa: E402
+from testing_utils import BatchNormRegressor, regression_data, sgd_args  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
 from _process_group import end_process_group  # noqa: E402
-from conftest import base_args, lm_dataset, tiny_llama  # noqa: E402
+from testing_utils import base_args, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam import SAMMixin, SAMTrainingArguments  # noqa: E402
 

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
 from _process_group import end_process_group  # noqa: E402
-from conftest import lm_dataset, tiny_llama  # noqa: E402
+from testing_utils import lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam.distributed import gradient_sync  # noqa: E402
 from hf_sam.perturbation import WeightBackup, perturb_, restore_  # noqa: E402

@@ -29,8 +29,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for the shared tiny model
 from _process_group import end_process_group  # noqa: E402
-from conftest import lm_dataset, tiny_llama  # noqa: E402
 from ddp_trainer import training_arguments  # noqa: E402
+from testing_utils import lm_dataset, tiny_llama  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from hf_sam import SAMTrainer  # noqa: E402

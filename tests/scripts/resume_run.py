@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import base_args, lm_dataset, tiny_llama  # noqa: E402
+from testing_utils import base_args, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 
