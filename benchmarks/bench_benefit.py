@@ -304,11 +304,37 @@ def chosen_rhos(records: list[dict], task: str, noise: float) -> dict[str, float
 FLATNESS = ["hessian_top", "sam_sharpness", "train_slice_loss"]
 
 
+# The tuned study's own measures (benefit_tasks' language tasks), compared with AdamW where every run has them.
+TUNED_MEASURES = [
+    "val_accuracy",
+    "test_at_best_val",
+    "fit_noisy",
+    "train_loss_noisy",
+    "fit_clean",
+    "general_text_loss",
+    "forgetting",
+]
+
+
 def accuracy_keys(records: list[dict]) -> list[str]:
     """The accuracy measures every run of the group took: a mean over fewer seeds than the row's would mislead, so a
-    measure some runs lack (extra seeds run without the robustness set) is left out of the row."""
-    keys = ["accuracy", "merged"] + sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
+    measure some runs lack (extra seeds run without the robustness set) is left out of the row. With the merged copy's
+    accuracy, each perturbation also gives the accuracy it costs (`lost_<measure>` = merged - after)."""
+    perturbed = sorted(k for k in records[0] if k.startswith("noise_")) + list(QUANTIZERS)
+    keys = ["accuracy", "merged", *perturbed, *(f"lost_{k}" for k in perturbed), *TUNED_MEASURES]
     return stats.common_keys(records, keys)
+
+
+def with_losses(records: list[dict]) -> list[dict]:
+    """The records, each with `lost_<measure>` = merged-copy accuracy - accuracy after the perturbation, where the run
+    measured both (a run before the merged-copy control has no such reading)."""
+    out = []
+    for r in records:
+        lost = {
+            f"lost_{k}": r["merged"] - r[k] for k in r if "merged" in r and (k.startswith("noise_") or k in QUANTIZERS)
+        }
+        out.append({**r, **lost})
+    return out
 
 
 # Mean difference to the baseline over the seeds both have, with its 95% t interval.
@@ -320,8 +346,8 @@ def summarize(records: list[dict]) -> list[dict]:
     baseline took too), cost. Tables list methods in METHODS' order (the baseline first), whatever order the runs
     were merged in; methods added with --method follow, in the order they first appear."""
     return stats.summarize(
-        records,
-        metrics=lambda runs: accuracy_keys(runs) + FLATNESS,
+        with_losses(records),
+        metrics=lambda runs: accuracy_keys(runs) + stats.common_keys(runs, FLATNESS),
         group_by=("task", "noise", "method"),
         baseline=BASELINE,
         compared=accuracy_keys,
@@ -388,6 +414,132 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         xlabel="CPU time per step, × AdamW",
         ylabel="held-out accuracy − AdamW (points)",
     )
+
+
+# ---- the tuned study: rho chosen on validation --------------------------------------------------------------------
+def selection_rows(records: list[dict]) -> list[dict]:
+    """One row per (task, noise, method, rho) of the selection runs: validation and test accuracy over the selection
+    seeds (the test column is shown, never used to choose), and whether `chosen_rhos` picked that rho."""
+    select = [r for r in records if r.get("phase") == "select"]
+    rows = stats.summarize(
+        select,
+        metrics=["val_accuracy", "accuracy"],
+        group_by=("task", "noise", "method", "rho"),
+        baseline=BASELINE,
+        compared=[],
+        order=list(METHODS),
+    )
+    chosen = {}
+    for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in select):
+        for method, rho in chosen_rhos(records, task, noise).items():
+            chosen[(task, noise, method)] = rho
+    for row in rows:
+        row["chosen"] = row["rho"] is not None and chosen.get((row["task"], row["noise"], row["method"])) == row["rho"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (r["task"], r["noise"], order.get(r["method"], len(order)), r["rho"] or 0.0))
+
+
+def format_selection(rows: list[dict]) -> str:
+    """Per setting: each method's grid, validation accuracy (chooses) and test accuracy (reported only) per rho."""
+    out = []
+    for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in rows):
+        cells = [
+            [
+                r["method"],
+                "—" if r["rho"] is None else (f"**{r['rho']:g}**" if r["chosen"] else f"{r['rho']:g}"),
+                str(len(r["seeds"])),
+                _pct(r["val_accuracy"]["mean"]),
+                _pct(r["accuracy"]["mean"]),
+            ]
+            for r in rows
+            if (r["task"], r["noise"]) == (task, noise)
+        ]
+        header = ["method", "ρ (chosen in bold)", "selection seeds", "validation acc.", "test acc. (not used)"]
+        out += [f"\n**{task}, label noise {noise:g}: ρ selection**\n", *stats.markdown_table(header, cells)]
+    return "\n".join(out) + "\n"
+
+
+def format_tuned(rows: list[dict], records: list[dict]) -> str:
+    """Per setting of the tuned study: each method at its chosen rho against AdamW on the test split, by seed."""
+    out = []
+    tuned = [r for r in records if r.get("phase") == "test"]
+    for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in tuned):
+        rho = {r["method"]: r["rho"] for r in tuned if (r["task"], r["noise"]) == (task, noise)}
+        group = [r for r in rows if (r["task"], r["noise"]) == (task, noise) and r["method"] in rho]
+        keys = {k for r in group for k in r}
+
+        def diff(r, key, scale=100.0):
+            """Points (accuracies) or the raw value (losses, `scale` 1): the paired difference, or the mean where
+            there is no difference (AdamW's own row)."""
+            if key not in r:
+                return "—"
+            spec = ".1f" if scale == 100.0 else ".3f"
+            d = r[key].get("diff")
+            return (
+                stats.format_value(r[key]["mean"], scale, spec)
+                if d is None
+                else stats.format_diff(d, scale, "+" + spec)
+            )
+
+        header = ["method", "ρ", "seeds", "test acc. (sd)", "Δ test [95% CI]", "Δ at best-val checkpoint"]
+        header += ["wrong labels fitted"] * ("fit_noisy" in keys)
+        header += ["Δ forgetting (general-text loss)"] * ("forgetting" in keys)
+        lost = [k for k in ("lost_noise_0.1", "lost_int4") if k in keys]
+        header += [{"lost_noise_0.1": "Δ lost to σ=0.1", "lost_int4": "Δ lost to 4-bit"}[k] for k in lost]
+        header += ["× AdamW step"]
+        cells = []
+        for r in group:
+            row = [
+                r["method"],
+                "—" if rho[r["method"]] is None else f"{rho[r['method']]:g}",
+                str(len(r["seeds"])),
+                f"{_pct(r['accuracy']['mean'])} ({_pct(r['accuracy']['sd'])})",
+                diff(r, "accuracy") if r["method"] != BASELINE else "—",
+                diff(r, "test_at_best_val"),
+            ]
+            row += [_pct(r["fit_noisy"]["mean"]) if "fit_noisy" in r else "—"] * ("fit_noisy" in keys)
+            row += [diff(r, "forgetting", scale=1.0)] * ("forgetting" in keys)
+            row += [diff(r, k) for k in lost]
+            row += [f"{r['cost_x_adamw']:.2f}"]
+            cells.append(row)
+        out += [f"\n**{task}, label noise {noise:g}: each method at its ρ chosen on validation**\n"]
+        out += stats.markdown_table(header, cells)
+    return "\n".join(out) + "\n"
+
+
+def plot_rho_sensitivity(rows: list[dict], path: Path) -> None:
+    """Validation (solid) and test (dashed) accuracy against rho per method, one panel per setting, AdamW's
+    validation accuracy as a band (its selection seeds' range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys((r["task"], r["noise"]) for r in rows))
+    cols = min(2, len(settings))
+    fig, axes = plt.subplots(math.ceil(len(settings) / cols), cols, figsize=(6.4 * cols, 4.6), squeeze=False)
+    for ax in axes.flat[len(settings) :]:
+        ax.set_visible(False)
+    for ax, (task, noise) in zip(axes.flat, settings):
+        here = [r for r in rows if (r["task"], r["noise"]) == (task, noise)]
+        for r in here:
+            if r["rho"] is None:
+                values = [100 * v for v in r["val_accuracy"]["values"]]
+                ax.axhspan(min(values), max(values), color="grey", alpha=0.25, label="AdamW (validation)")
+        for method in dict.fromkeys(r["method"] for r in here if r["rho"] is not None):
+            points = sorted((r for r in here if r["method"] == method), key=lambda r: r["rho"])
+            x = [r["rho"] for r in points]
+            (line,) = ax.plot(x, [100 * r["val_accuracy"]["mean"] for r in points], marker="o", label=method)
+            ax.plot(x, [100 * r["accuracy"]["mean"] for r in points], ls="--", color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_title(f"{task}, label noise {noise:g}")
+        ax.set_xlabel("ρ")
+        ax.set_ylabel("accuracy (%): validation —, test --")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def hardware() -> dict[str, Any]:
@@ -568,8 +720,20 @@ def main(argv: list[str] | None = None) -> int:
     info["wall_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
     table = format_table(rows)
+    if any(r.get("phase") for r in records):  # the tuned study
+        selection = selection_rows(records)
+        info["chosen_rho"] = {
+            f"{task} {noise:g}": chosen_rhos(records, task, noise)
+            for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in records if r.get("phase"))
+        }
+        (out / "summary.json").write_text(
+            json.dumps({"info": info, "rows": rows, "selection": selection}, indent=1) + "\n"
+        )
+        table += format_tuned(rows, records) + format_selection(selection)
+        plot_rho_sensitivity(selection, out / "rho_sensitivity.png")
     (out / "table.md").write_text(table)
-    plot_pareto(rows, out / "pareto.png")
+    if rows:  # a tuned study still in its selection runs has none yet
+        plot_pareto(rows, out / "pareto.png")
     print(table)
     print(f"wrote {results_path}, {out / 'summary.json'}, {out / 'table.md'}, {out / 'pareto.png'}")
     return 0

@@ -142,3 +142,98 @@ def test_robustness_measures_the_perturbed_copy_of_a_trl_trained_lora_model(tmp_
     assert measured["merged"] == pytest.approx(clean, rel=1e-3)  # the control: merging alone changes ~nothing
     with torch.no_grad():
         assert torch.equal(trainer.model(input_ids=x).logits, before)  # and never the trained model
+
+
+# ---- the tuned study (rho chosen on validation) ---------------------------------------------------------------------
+def _tuned_records():
+    """Selection runs where validation and test disagree about the best rho, and test runs at the chosen one."""
+    records = []
+
+    def run(method, seed, rho, phase, val, acc, **extra):
+        records.append(dict(task="t", noise=0.4, method=method, seed=seed, rho=rho, phase=phase, val_accuracy=val,
+                            accuracy=acc, step_cpu_s=1.0 if method == "adamw" else 2.0, **extra))  # fmt: skip
+
+    for seed in (100, 101):
+        run("adamw", seed, None, "select", 0.60, 0.60)
+        run("sam", seed, 0.01, "select", 0.62, 0.70)  # the test split would pick 0.01
+        run("sam", seed, 0.1, "select", 0.66 + 0.01 * (seed - 100), 0.61)  # validation picks 0.1
+        run("sam", seed, 0.3, "select", 0.66 + 0.01 * (seed - 100), 0.65)  # equal on validation: the smaller wins
+    run("sam", 100, 1.0, "select", 0.99, 0.99)  # run on one of two seeds: not a candidate
+    for seed, (a, s) in enumerate([(0.60, 0.64), (0.61, 0.66), (0.59, 0.62)]):
+        run("adamw", seed, None, "test", 0.6, a, test_at_best_val=a + 0.05, fit_noisy=0.99)
+        run("sam", seed, 0.1, "test", 0.6, s, test_at_best_val=s + 0.05, fit_noisy=0.40)
+    return records
+
+
+def test_rho_is_chosen_on_validation_over_complete_grid_points():
+    bench = load_benchmark_script("bench_benefit")
+    assert bench.chosen_rhos(_tuned_records(), "t", 0.4) == {"sam": 0.1}
+
+
+def test_tuned_tables_show_the_chosen_rho_and_the_paired_difference():
+    bench = load_benchmark_script("bench_benefit")
+    records = _tuned_records()
+    rows = bench.summarize([r for r in records if r["phase"] == "test"])
+    tuned = bench.format_tuned(rows, records)
+    sam_line = next(line for line in tuned.splitlines() if line.startswith("| sam |"))
+    assert "| 0.1 | 3 |" in sam_line and "+4.0 [" in sam_line  # mean of 0.04, 0.05, 0.03
+    assert "| 40.0 |" in sam_line  # the wrong labels SAM fitted
+    selection = bench.format_selection(bench.selection_rows(records))
+    assert "| sam | **0.1** | 2 |" in selection and "| sam | 0.3 | 2 |" in selection
+    assert "| sam | 1 | 1 |" in selection  # shown, never chosen
+
+
+@pytest.mark.slow
+def test_quick_tuned_language_tasks_write_every_measure(tmp_path):
+    """`--quick --tune` on the three language tasks (the embedded MiniLM and SmolLM2): the grid on one selection seed,
+    the chosen rho on two test seeds, and the tasks' own measures."""
+    pytest.importorskip("vaderSentiment")
+    bench = load_benchmark_script("bench_benefit")
+    out = tmp_path / "tuned"
+    argv = ["--quick", "--tune", "--tasks", "sentiment_minilm", "sentiment_smollm", "fewshot_smollm", "--methods",
+            "sam", "--grid", "0.01", "0.1", "--selection_seeds", "100", "--seeds", "0", "1", "--noise", "0.4",
+            "--weight_noise", "0.1", "--noise_draws", "1", "--hessian_iters", "2", "--out_dir", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    for task in ("sentiment_minilm", "sentiment_smollm", "fewshot_smollm"):
+        mine = [r for r in runs if r["task"] == task]
+        select = [r for r in mine if r["phase"] == "select"]
+        assert sorted((r["method"], r["rho"] or 0) for r in select) == [("adamw", 0), ("sam", 0.01), ("sam", 0.1)]
+        chosen = bench.chosen_rhos(runs, task, 0.4)["sam"]
+        test = [r for r in mine if r["phase"] == "test"]
+        assert sorted((r["method"], r["seed"], r["rho"]) for r in test if r["method"] == "sam") == [
+            ("sam", 0, chosen),
+            ("sam", 1, chosen),
+        ]
+        for r in mine:
+            assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["accuracy"] <= 1 and 0 <= r["test_at_best_val"] <= 1
+            assert 0 <= r["fit_noisy"] <= 1 and r["train_loss_noisy"] >= 0
+        for r in test:
+            assert "int4" in r and "hessian_top" in r and "lost_int4" not in r  # the loss is derived when summarising
+        if task != "sentiment_minilm":  # forgetting: the change from the one base model's general-text loss
+            bases = {round(r["general_text_loss"] - r["forgetting"], 9) for r in test}
+            assert len(bases) == 1 and next(iter(bases)) > 0
+            assert len({r["general_text_loss"] for r in test}) > 1  # each trained model has its own
+    table = (out / "table.md").read_text()
+    assert "ρ chosen on validation" in table and "ρ selection" in table
+    assert (out / "rho_sensitivity.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_the_smollm2_tail_computes_the_full_models_label_logits():
+    """benefit_tasks runs SmolLM2's last layers on the cached output of the frozen ones: the label logits equal the
+    full model's to float32 rounding (left padding, positions counted from each prompt's start)."""
+    tasks = load_benchmark_script("benefit_tasks")
+    prefix = tasks.FrozenPrefix.get(tasks.TAIL_LAYERS)
+    words = ["wonderful", "awful", "table", "joyless", "brilliant", "hopelessly"]
+    texts = [tasks._prompt(w) for w in words]
+    batch = tasks._left_pad_collate([{"inputs_embeds": h, "labels": 0} for h in prefix.hidden(texts)])
+    tail = prefix.tail_classifier().eval()
+    with torch.no_grad():
+        got = tail(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        label_ids = [ids[0] for ids in prefix.label_ids]
+        want = torch.stack(
+            [prefix.full(**prefix.tokenizer(t, return_tensors="pt")).logits[0, -1, label_ids] for t in texts]
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(-1) != got.argmin(-1)).all()  # two distinct label logits per prompt (a real comparison)
