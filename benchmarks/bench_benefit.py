@@ -439,7 +439,7 @@ def selection_rows(records: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["task"], r["noise"], order.get(r["method"], len(order)), r["rho"] or 0.0))
 
 
-def format_selection(rows: list[dict]) -> str:
+def format_selection(rows: list[dict], records: list[dict]) -> str:
     """Per setting: each method's grid, validation accuracy (chooses) and test accuracy (reported only) per rho."""
     out = []
     for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in rows):
@@ -456,7 +456,23 @@ def format_selection(rows: list[dict]) -> str:
         ]
         header = ["method", "ρ (chosen in bold)", "selection seeds", "validation acc.", "test acc. (not used)"]
         out += [f"\n**{task}, label noise {noise:g}: ρ selection**\n", *stats.markdown_table(header, cells)]
+        cost = search_cost(records, task, noise)
+        out.append(
+            "\nCost of the search: "
+            + "; ".join(f"{m} {n} runs, {minutes:.0f} min" for m, (n, minutes) in cost.items())
+            + " (wall time of training and measuring, one thread each)."
+        )
     return "\n".join(out) + "\n"
+
+
+def search_cost(records: list[dict], task: str, noise: float) -> dict[str, tuple[int, float]]:
+    """Per method, the number of selection runs and their wall minutes (training and measures)."""
+    cost: dict[str, tuple[int, float]] = {}
+    for r in records:
+        if r.get("phase") == "select" and (r["task"], r["noise"]) == (task, noise):
+            n, minutes = cost.get(r["method"], (0, 0.0))
+            cost[r["method"]] = (n + 1, minutes + (r["train_wall_s"] + r.get("measure_wall_s", 0.0)) / 60)
+    return cost
 
 
 def format_tuned(rows: list[dict], records: list[dict]) -> str:
@@ -729,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "summary.json").write_text(
             json.dumps({"info": info, "rows": rows, "selection": selection}, indent=1) + "\n"
         )
-        table += format_tuned(rows, records) + format_selection(selection)
+        table += format_tuned(rows, records) + format_selection(selection, records)
         plot_rho_sensitivity(selection, out / "rho_sensitivity.png")
     (out / "table.md").write_text(table)
     if rows:  # a tuned study still in its selection runs has none yet

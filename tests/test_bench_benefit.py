@@ -178,9 +178,12 @@ def test_tuned_tables_show_the_chosen_rho_and_the_paired_difference():
     sam_line = next(line for line in tuned.splitlines() if line.startswith("| sam |"))
     assert "| 0.1 | 3 |" in sam_line and "+4.0 [" in sam_line  # mean of 0.04, 0.05, 0.03
     assert "| 40.0 |" in sam_line  # the wrong labels SAM fitted
-    selection = bench.format_selection(bench.selection_rows(records))
+    for r in records:
+        r.update(train_wall_s=60.0, measure_wall_s=0.0)
+    selection = bench.format_selection(bench.selection_rows(records), records)
     assert "| sam | **0.1** | 2 |" in selection and "| sam | 0.3 | 2 |" in selection
     assert "| sam | 1 | 1 |" in selection  # shown, never chosen
+    assert "Cost of the search: adamw 2 runs, 2 min; sam 7 runs, 7 min" in selection
 
 
 @pytest.mark.slow
