@@ -323,17 +323,40 @@ def test_metrics_files_are_read_in_order_and_time_per_step_has_its_sources(tmp_p
 
 
 # ---- the statistics -------------------------------------------------------------------------------------------------
-def test_t_quantile_without_scipy_matches_scipy():
+def test_t_quantile_is_scipys():
     scipy_t = pytest.importorskip("scipy.stats").t
-    for df in [1, 2, 3, 4, 5, 7, 10, 19, 30, 60, 120, 1000, 2.5]:
-        for p in (0.975, 0.995, 0.9, 0.6, 0.025):
-            assert stats._t_quantile_no_scipy(p, df) == pytest.approx(scipy_t.ppf(p, df), rel=1e-12, abs=1e-13)
+    assert stats.t975(4) == float(scipy_t.ppf(0.975, 4))
+    assert stats.t_quantile(0.025, 2.5) == float(scipy_t.ppf(0.025, 2.5))
     # closed forms: df = 2, (2p - 1) / sqrt(2p(1 - p)); df = 1 (Cauchy), tan(pi (p - 1/2))
-    assert stats._t_quantile_no_scipy(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-14)
-    assert stats._t_quantile_no_scipy(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-13)
-    assert stats.t975(4) == float(scipy_t.ppf(0.975, 4))  # scipy's own value when it is installed
+    assert stats.t975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-14)
+    assert stats.t975(1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-13)
     with pytest.raises(ValueError):
         stats.t_quantile(1.0, 3)
+
+
+def test_without_scipy_an_interval_says_how_to_install_it_and_compare_runs_nothing(fake, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    with pytest.raises(ImportError, match=r"need scipy .*`pip install scipy`, or hf_sam's analysis extra"):
+        stats.paired_difference({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.4})
+    one = stats.paired_difference({0: 0.5}, {0: 0.4})  # one seed: no interval, no scipy
+    assert one["mean"] == pytest.approx(0.1) and math.isnan(one["low"])
+    assert fake("--seeds", "0", "1", "--methods", "sam") == 2
+    err = capsys.readouterr().err
+    assert "hf-sam compare: error: the 95% t intervals need scipy" in err and "pip install scipy" in err
+    assert '`pip install -e ".[analysis]"`' in err and "Traceback" not in err
+    assert fake.calls() == [] and not fake.out.exists()  # before any run
+
+
+def test_the_statistics_module_imports_without_scipy():
+    code = (
+        "import sys\nsys.modules['scipy'] = None\nfrom hf_sam.compare import stats\n"
+        "rows = stats.summarize([{'method': 'adamw', 'seed': 0, 'a': 1.0}, {'method': 'sam', 'seed': 0, 'a': 2.0}],"
+        " metrics=['a'])\nassert rows[1]['a']['diff']['mean'] == 1.0\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
 
 
 def test_paired_difference_pairs_by_seed_not_by_position():

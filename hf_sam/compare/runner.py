@@ -15,8 +15,8 @@ A flag the command already has is replaced, not repeated. After each run, its me
 folder, and its time per step from `train_runtime` / steps (see `time_per_step`). A run that exited 0 and wrote
 metrics gets a record, `compare_run.json`, in its folder: a later invocation with the same command skips it. The
 summary (mean, sd, the difference to AdamW paired by seed with its 95% t interval, time per step relative to AdamW)
-uses `hf_sam.compare.stats`, the benefit benchmark's statistics, and goes to the screen, `compare.md` and
-`compare.json` (and `compare.png` with `--plot`).
+uses `hf_sam.compare.stats`, the benefit benchmark's statistics (the t quantile is scipy's: checked before anything
+runs), and goes to the screen, `compare.md` and `compare.json` (and `compare.png` with `--plot`).
 """
 
 from __future__ import annotations
@@ -627,120 +627,179 @@ def main(args: argparse.Namespace, script: Sequence[str] | None) -> int:
         return 130
 
 
+@dataclasses.dataclass
+class Plan:
+    """What one `hf-sam compare` does: the training command, the methods, the seeds, the output folder, the runs."""
+
+    script: list[str]
+    methods: list[Method]
+    seeds: list[int]
+    output_dir: Path
+    runs: list[Run]
+
+
 def _compare(args: argparse.Namespace, script: list[str]) -> int:
+    """Check and plan the runs, train those not finished, then summarise the finished ones; returns the exit status."""
+    plan = _check_and_plan(args, script)
+    if args.dry_run:
+        for run in plan.runs:
+            print(shlex.join(run.command))
+        return 0
+    todo = _runs_to_train(plan)
+    started = time.time()
+    if not args.summary_only:
+        _train(plan, todo, started, keep_going=args.keep_going)
+    finished, unfinished = _finished_runs(plan, allow_incomplete=args.allow_incomplete)
+    _summarise(plan, finished, unfinished, started, wanted=args.metric, plot=args.plot)
+    return 0
+
+
+def _check_and_plan(args: argparse.Namespace, script: list[str]) -> Plan:
+    """Check the arguments and what the summary needs (scipy; matplotlib with --plot), then plan every run."""
     if not script:
         raise UsageError("give the training command after `--`: hf-sam compare [options] -- python train.py ...")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds: give distinct seeds, got {args.seeds}.")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: `pip install matplotlib` (or drop --plot).")
+    try:
+        stats.require_scipy()
+    except ImportError as err:
+        raise UsageError(str(err)) from None
     methods = parse_methods(args.methods)
     base = args.output_dir or flag_value(script, "output_dir")
     if not base:
         raise UsageError("no output folder: give --output_dir in the training command or --output-dir to compare.")
     output_dir = Path(base)
     runs = plan_runs(script, methods, args.seeds, output_dir, args.baseline_flags, args.sam_flags)
-    if args.dry_run:
-        for run in runs:
-            print(shlex.join(run.command))
-        return 0
+    return Plan(script, methods, list(args.seeds), output_dir, runs)
 
-    done = {id(run): finished_record(run) for run in runs}
-    changed = [run for run in runs if done[id(run)] and done[id(run)].get("command") != run.command]
+
+def _runs_to_train(plan: Plan) -> list[Run]:
+    """The runs not finished earlier; a `UsageError` when a finished run ran another command."""
+    done = {id(run): finished_record(run) for run in plan.runs}
+    changed = [run for run in plan.runs if done[id(run)] and done[id(run)].get("command") != run.command]
     if changed:
         first = changed[0]
         raise UsageError(
-            f"{len(changed)} finished run(s) in {output_dir} ran another command, e.g. {first.name}:\n  "
+            f"{len(changed)} finished run(s) in {plan.output_dir} ran another command, e.g. {first.name}:\n  "
             f"{shlex.join(done[id(first)]['command'])}\nnow:\n  {shlex.join(first.command)}\nUse another "
             f"--output_dir, or delete those runs' {RECORD} to train them again."
         )
-    todo = [run for run in runs if not done[id(run)]]
-    started = time.time()
-    failures: dict[int, str] = {}
-    if not args.summary_only:
+    return [run for run in plan.runs if not done[id(run)]]
+
+
+def _train(plan: Plan, todo: Sequence[Run], started: float, *, keep_going: bool) -> None:
+    """Train the `todo` runs one after the other, printing progress; stop at the first failure unless `keep_going`."""
+    runs = plan.runs
+    print(
+        f"hf-sam compare: {len(runs)} runs ({len(plan.methods)} methods x {len(plan.seeds)} seeds) in "
+        f"{plan.output_dir}: {len(runs) - len(todo)} finished earlier, {len(todo)} to run.",
+        flush=True,
+    )
+    for i, run in enumerate(todo, 1):
         print(
-            f"hf-sam compare: {len(runs)} runs ({len(methods)} methods x {len(args.seeds)} seeds) in {output_dir}: "
-            f"{len(runs) - len(todo)} finished earlier, {len(todo)} to run.",
+            f"[{i}/{len(todo)}] {run.name}: training ({_duration(time.time() - started)} elapsed, "
+            f"{len(todo) - i} left after this; log {run.log})",
             flush=True,
         )
-        for i, run in enumerate(todo, 1):
-            print(
-                f"[{i}/{len(todo)}] {run.name}: training ({_duration(time.time() - started)} elapsed, "
-                f"{len(todo) - i} left after this; log {run.log})",
-                flush=True,
-            )
-            t0 = time.time()
-            try:
-                execute(run)
-            except CompareError as err:
-                if not args.keep_going:
-                    finished = sum(1 for r in runs if finished_record(r))
-                    raise CompareError(
-                        f"{err}\n{finished} of {len(runs)} runs have finished and are kept: fix the problem and run "
-                        "the same command again to resume."
-                    ) from None
-                failures[id(run)] = str(err)
-                print(f"hf-sam compare: {err}", file=sys.stderr, flush=True)
-                continue
-            print(f"    finished in {_duration(time.time() - t0)}", flush=True)
+        t0 = time.time()
+        try:
+            execute(run)
+        except CompareError as err:
+            if not keep_going:
+                finished = sum(1 for r in runs if finished_record(r))
+                raise CompareError(
+                    f"{err}\n{finished} of {len(runs)} runs have finished and are kept: fix the problem and run "
+                    "the same command again to resume."
+                ) from None
+            print(f"hf-sam compare: {err}", file=sys.stderr, flush=True)
+            continue
+        print(f"    finished in {_duration(time.time() - t0)}", flush=True)
 
-    finished = [run for run in runs if finished_record(run)]
-    unfinished = [run for run in runs if not finished_record(run)]
+
+def _finished_runs(plan: Plan, *, allow_incomplete: bool) -> tuple[list[Run], list[Run]]:
+    """The finished and the unfinished runs; a `CompareError` listing the unfinished ones unless the comparison
+    may be incomplete (`--allow-incomplete`, and at least one run finished)."""
+    finished = [run for run in plan.runs if finished_record(run)]
+    unfinished = [run for run in plan.runs if not finished_record(run)]
     if unfinished:
         listing = "; ".join(f"{run.name} ({_status(run)})" for run in unfinished)
-        if not args.allow_incomplete or not finished:
+        if not allow_incomplete or not finished:
             raise CompareError(
-                f"{len(unfinished)} of {len(runs)} runs did not finish: {listing}. Run again to resume"
+                f"{len(unfinished)} of {len(plan.runs)} runs did not finish: {listing}. Run again to resume"
                 + (", or pass --allow-incomplete to summarise the finished ones." if finished else ".")
             )
         logger.warning(f"Summarising the {len(finished)} finished runs; not finished: {listing}.")
+    return finished, unfinished
 
-    metrics, records = _gather(finished, args.metric)
-    rows = stats.summarize(
-        records, metrics=metrics, baseline=BASELINE, cost_key="seconds_per_step", order=[m.label for m in methods]
-    )
+
+def _summarise(
+    plan: Plan,
+    finished: Sequence[Run],
+    unfinished: Sequence[Run],
+    started: float,
+    *,
+    wanted: Sequence[str] | None,
+    plot: bool,
+) -> None:
+    """Summarise the finished runs: the table and its notes on the screen, in compare.md and compare.json, and
+    compare.png with `plot`."""
+    metrics, records = _gather(finished, wanted)
+    order = [m.label for m in plan.methods]
+    rows = stats.summarize(records, metrics=metrics, baseline=BASELINE, cost_key="seconds_per_step", order=order)
     table = format_table(rows, metrics)
-    notes = NOTES.format(baseline=BASELINE)
-    no_time = [f"{r['method']} seed {r['seed']}" for r in records if r["seconds_per_step"] is None]
-    if no_time:
-        notes += f"No time per step (no train_runtime in their files): {', '.join(no_time)}.\n"
-    if unfinished:
-        notes += f"Incomplete: {len(unfinished)} of {len(runs)} runs did not finish.\n"
-    print(f"\nPrimary metric: {metrics[0]}. Runs: {output_dir}\n")
+    notes = _notes(records, unfinished, len(plan.runs))
+    print(f"\nPrimary metric: {metrics[0]}. Runs: {plan.output_dir}\n")
     print(table)
     print(notes)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(script)
-    (output_dir / "compare.md").write_text(
-        f"# hf-sam compare\n\n```\n{command}\n```\n\nMethods: {', '.join(m.label for m in methods)}; seeds: "
-        f"{' '.join(map(str, args.seeds))}; primary metric: {metrics[0]}.\n\n{table}\n{notes}"
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(
+        f"# hf-sam compare\n\n```\n{shlex.join(plan.script)}\n```\n\nMethods: {', '.join(order)}; seeds: "
+        f"{' '.join(map(str, plan.seeds))}; primary metric: {metrics[0]}.\n\n{table}\n{notes}"
     )
-    import hf_sam
-
-    info = {
-        "command": script,
-        "methods": [m.label for m in methods],
-        "seeds": list(args.seeds),
-        "metrics": metrics,
-        "primary_metric": metrics[0],
-        "output_dir": str(output_dir),
-        "complete": not unfinished,
-        "unfinished": [{"method": run.method.label, "seed": run.seed} for run in unfinished],
-        "hf_sam": hf_sam.__version__,
-        "wall_s": time.time() - started,
-    }
-    _write_json(output_dir / "compare.json", {"info": info, "runs": records, "rows": rows})
-    written = [output_dir / "compare.md", output_dir / "compare.json"]
-    if args.plot:
+    info = _info(plan, metrics, unfinished, started)
+    _write_json(out / "compare.json", {"info": info, "runs": records, "rows": rows})
+    written = [out / "compare.md", out / "compare.json"]
+    if plot:
         stats.plot_benefit_vs_cost(
             rows,
-            output_dir / "compare.png",
+            out / "compare.png",
             metric=metrics[0],
             baseline=BASELINE,
             xlabel=f"time per step, × {BASELINE}",
             ylabel=f"{metrics[0]} − {BASELINE} (95% interval paired by seed)",
         )
-        written.append(output_dir / "compare.png")
+        written.append(out / "compare.png")
     print(f"Wrote {', '.join(map(str, written))}")
-    return 0
+
+
+def _notes(records: Sequence[dict], unfinished: Sequence[Run], total: int) -> str:
+    """The notes under the table: how to read it, the runs without a time per step, whether runs are missing."""
+    notes = NOTES.format(baseline=BASELINE)
+    no_time = [f"{r['method']} seed {r['seed']}" for r in records if r["seconds_per_step"] is None]
+    if no_time:
+        notes += f"No time per step (no train_runtime in their files): {', '.join(no_time)}.\n"
+    if unfinished:
+        notes += f"Incomplete: {len(unfinished)} of {total} runs did not finish.\n"
+    return notes
+
+
+def _info(plan: Plan, metrics: Sequence[str], unfinished: Sequence[Run], started: float) -> dict[str, Any]:
+    """compare.json's `info`: what was compared, whether every run finished, the version and the wall time."""
+    import hf_sam
+
+    return {
+        "command": plan.script,
+        "methods": [m.label for m in plan.methods],
+        "seeds": plan.seeds,
+        "metrics": list(metrics),
+        "primary_metric": metrics[0],
+        "output_dir": str(plan.output_dir),
+        "complete": not unfinished,
+        "unfinished": [{"method": run.method.label, "seed": run.seed} for run in unfinished],
+        "hf_sam": hf_sam.__version__,
+        "wall_s": time.time() - started,
+    }

@@ -6,10 +6,9 @@ and the difference to the baseline method *paired by seed* (the mean over the se
 with a 95% interval from Student's t distribution with n - 1 degrees of freedom. Cost is the mean over seeds of each
 run's cost divided by the baseline's at the same seed.
 
-The t quantile is scipy's (`scipy.stats.t.ppf`) when scipy is installed, otherwise this module's own inverse of the t
-distribution function (bisection on the regularised incomplete beta function), which agrees with scipy's to 1e-12
-relative for 1 to 1,000 degrees of freedom (a test checks it): the statistics need nothing beyond the standard
-library.
+The t quantile is scipy's (`scipy.stats.t.ppf`), imported when an interval is computed: this module imports without
+scipy, and a summary with one seed per group (no interval) needs none. `require_scipy` raises the error that says how
+to install it (`hf-sam compare` calls it before any run starts).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ __all__ = [
     "markdown_table",
     "paired_difference",
     "plot_benefit_vs_cost",
+    "require_scipy",
     "summarize",
     "t975",
     "t_quantile",
@@ -34,80 +34,26 @@ __all__ = [
 
 
 # ---- Student's t quantile -------------------------------------------------------------------------------------------
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-16:
-            break
-    return h
+SCIPY_MISSING = (
+    "the 95% t intervals need scipy (scipy.stats.t.ppf): `pip install scipy`, or hf_sam's analysis extra "
+    '(`pip install -e ".[analysis]"` in a checkout).'
+)
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0."""
-    return 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _t_quantile_no_scipy(p: float, df: float) -> float:
-    """The `p` quantile of Student's t with `df` degrees of freedom, by bisection on the upper tail."""
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -_t_quantile_no_scipy(1.0 - p, df)
-    tail = 1.0 - p
-    low, high = 0.0, 1.0
-    while _t_upper_tail(high, df) > tail:
-        low, high = high, 2.0 * high
-    for _ in range(200):  # the bracket halves each time: double precision well before 200
-        mid = 0.5 * (low + high)
-        if mid in (low, high):
-            break
-        if _t_upper_tail(mid, df) > tail:
-            low = mid
-        else:
-            high = mid
-    return 0.5 * (low + high)
+def require_scipy() -> Any:
+    """`scipy.stats`, imported; an `ImportError` that says how to install scipy when it is missing."""
+    try:
+        import scipy.stats
+    except ImportError as err:
+        raise ImportError(SCIPY_MISSING) from err
+    return scipy.stats
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The `p` quantile of Student's t distribution with `df` degrees of freedom (scipy's when installed)."""
+    """The `p` quantile of Student's t distribution with `df` degrees of freedom: `scipy.stats.t.ppf` (needs scipy)."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0; got p={p!r}, df={df!r}.")
-    try:
-        from scipy.stats import t
-    except ImportError:
-        return _t_quantile_no_scipy(p, df)
-    return float(t.ppf(p, df))
+    return float(require_scipy().t.ppf(p, df))
 
 
 def t975(df: float) -> float:
@@ -125,7 +71,7 @@ def paired_difference(values: Mapping[Hashable, float], base: Mapping[Hashable, 
 
     Returns:
         `dict`: `mean` (of values[s] - base[s]), `n` (the seeds both have), `low` and `high` (the 95% interval
-        mean ± t(0.975, n - 1) · sd / √n; NaN with fewer than two seeds).
+        mean ± t(0.975, n - 1) · sd / √n, which needs scipy; NaN with fewer than two seeds).
     """
     diffs = [values[s] - base[s] for s in values if s in base]
     out = {"mean": statistics.fmean(diffs) if diffs else float("nan"), "n": len(diffs)}
