@@ -18,20 +18,15 @@ interval paired by seed (t distribution, n - 1 degrees of freedom; `hf_sam.compa
 `hf-sam compare` uses). Results: `results.json` (every run), `summary.json`, `table.md` and `pareto.png` (gain
 against cost) under `--out_dir`.
 
-Tasks (all embedded, offline):
-
-- `digits`: a small ResNet (BatchNorm) from a config, trained from scratch on scikit-learn's 8x8 digits (upsampled
-  to 32x32), 500 training images, the other 1,297 held out.
-- `minilm`: all-MiniLM-L6-v2 full fine-tuning on the generated word-category task with few training sentences;
-  the held-out split has unseen words in unseen sentence templates.
-- `smollm`: SmolLM2-135M-Instruct + LoRA on the word-reversal task, held-out prompts of unseen words (the expensive
-  one: generation-based accuracy).
+Tasks: `benchmarks/benefit_tasks.py` (all embedded, offline).
 
 Usage:
     python benchmarks/bench_benefit.py --tasks digits minilm --seeds 0 1 2 --noise 0.0 0.4 --out_dir outputs/benefit
     python benchmarks/bench_benefit.py --tasks smollm --methods adamw sam --seeds 0 1 2 --noise 0.3
     python benchmarks/bench_benefit.py --quick --tasks digits          # smoke run (tests/test_bench_benefit.py)
     python benchmarks/bench_benefit.py --method 'sam_rho02={"sam_rho": 0.2}' --methods adamw sam_rho02
+    python benchmarks/bench_benefit.py --tasks sentiment_smollm --noise 0.4 --tune --methods sam \
+        --selection_seeds 100 101 --seeds 0 1 2 3 4       # rho chosen on validation, then reported on test
 """
 
 from __future__ import annotations

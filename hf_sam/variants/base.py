@@ -43,7 +43,7 @@ from ..validation import Setting
 if TYPE_CHECKING:
     from ..perturbation import WeightBackup
 
-__all__ = ["SAMVariant", "Setting", "StateError", "StepContext", "StepKind"]
+__all__ = ["SAMVariant", "Setting", "StateError", "StepContext", "StepKind", "fitting_entries"]
 
 SAM_CITATION = """@inproceedings{foret2021sharpnessaware,
     title     = {Sharpness-Aware Minimization for Efficiently Improving Generalization},
@@ -64,6 +64,41 @@ class StepKind(str, enum.Enum):
 
 class StateError(ValueError):
     """A saved SAM state that cannot be loaded (raised by `load_state_dict`; the engine names the file)."""
+
+
+def fitting_entries(
+    state: dict[str, Any], key: str, params: dict[str, torch.Tensor], what: str
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """The entries of `state[key]` (parameter name -> tensor) that fit the model, and what does not fit.
+
+    Args:
+        state: A loaded `sam_state.pt`.
+        key: The variant's entry, a mapping of parameter names to tensors (absent: nothing saved).
+        params: name -> parameter of the model.
+        what: How a message names an entry ("Friendly SAM's average").
+
+    Returns:
+        `tuple`: name -> (parameter, saved tensor) for the entries that fit, and one line per entry that does not (no
+        such parameter, another shape).
+
+    Raises:
+        `StateError`: `state[key]` is not a mapping of names to tensors.
+    """
+    saved = state.get(key, {})
+    if not isinstance(saved, dict):
+        raise StateError(f"`{key}` is not a mapping of parameter names to tensors")
+    fits, misfits = {}, []
+    for name, tensor in saved.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise StateError(f"`{key}[{name!r}]` is a {type(tensor).__name__}, not a tensor")
+        p = params.get(name)
+        if p is None:
+            misfits.append(f"{what} of `{name}`: no such parameter in the model")
+        elif tensor.shape != p.shape:
+            misfits.append(f"{what} of `{name}`: shape {tuple(tensor.shape)}, the parameter's is {tuple(p.shape)}")
+        else:
+            fits[name] = (p, tensor)
+    return fits, misfits
 
 
 class StepContext:

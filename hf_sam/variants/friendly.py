@@ -33,7 +33,7 @@ import torch
 
 from ..perturbation import TensorKeyed, global_norm
 from ..validation import check_fraction, check_number, require
-from .base import SAMVariant, Setting, StateError, StepContext
+from .base import SAMVariant, Setting, StateError, StepContext, fitting_entries
 
 __all__ = ["FriendlySAM", "friendly_direction_"]
 
@@ -168,24 +168,12 @@ class FriendlySAM(SAMVariant):
         }
 
     def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> list[str]:
-        emas = state.get("friendly_ema", {})
+        fits, misfits = fitting_entries(state, "friendly_ema", params, "Friendly SAM's average")
         present = state.get("friendly_present", {})
-        if not isinstance(emas, dict) or not isinstance(present, dict):
-            raise StateError("`friendly_ema` is not a mapping of parameter names to tensors")
+        if not isinstance(present, dict):
+            raise StateError("`friendly_present` is not a mapping of parameter names to booleans")
         self._slots, self._committed, self._staged = TensorKeyed(), TensorKeyed(), None
-        misfits = []
-        for name, m in emas.items():
-            if not isinstance(m, torch.Tensor):
-                raise StateError(f"`friendly_ema[{name!r}]` is a {type(m).__name__}, not a tensor")
-            p = params.get(name)
-            if p is None:
-                misfits.append(f"Friendly SAM's average of `{name}`: no such parameter in the model")
-                continue
-            if m.shape != p.shape:
-                misfits.append(
-                    f"Friendly SAM's average of `{name}`: shape {tuple(m.shape)}, the parameter's is {tuple(p.shape)}"
-                )
-                continue
+        for name, (p, m) in fits.items():  # each parameter's average stands alone: a misfit starts afresh by itself
             m = m.to(device=p.device, dtype=p.dtype)
             has = torch.as_tensor(present.get(name, True), dtype=torch.bool, device=p.device).reshape(())
             self._slots[p] = [[m, has], [m.clone(), has.clone()]]

@@ -22,7 +22,7 @@ import torch
 
 from ..perturbation import TensorKeyed, global_norm
 from ..validation import check_int, require
-from .base import SAMVariant, Setting, StateError, StepContext, StepKind
+from .base import SAMVariant, Setting, StepContext, StepKind, fitting_entries
 
 __all__ = ["LookSAM", "looksam_add_", "looksam_orthogonal_"]
 
@@ -153,24 +153,10 @@ class LookSAM(SAMVariant):
         return {"looksam_cache": {names[id(p)]: g_v for p, g_v in self.cache.items() if id(p) in names}}
 
     def load_state_dict(self, state: dict[str, Any], params: dict[str, torch.Tensor]) -> list[str]:
-        saved = state.get("looksam_cache", {})
-        if not isinstance(saved, dict):
-            raise StateError("`looksam_cache` is not a mapping of parameter names to tensors")
+        fits, misfits = fitting_entries(state, "looksam_cache", params, "LookSAM's cached component")
         self.cache, self._staged = TensorKeyed(), None
-        misfits = []
-        for name, g_v in saved.items():
-            if not isinstance(g_v, torch.Tensor):
-                raise StateError(f"`looksam_cache[{name!r}]` is a {type(g_v).__name__}, not a tensor")
-            p = params.get(name)
-            if p is None:
-                misfits.append(f"LookSAM's cached component of `{name}`: no such parameter in the model")
-            elif g_v.shape != p.shape:
-                misfits.append(
-                    f"LookSAM's cached component of `{name}`: shape {tuple(g_v.shape)}, the parameter's is "
-                    f"{tuple(p.shape)}"
-                )
         if misfits:  # g_v is one direction over all parameters: a part of it is not the step's component
             return [*misfits, "LookSAM's cache is started afresh (its next step is a full SAM step)"]
-        for name, g_v in saved.items():
-            self.cache[params[name]] = g_v.to(device=params[name].device, dtype=params[name].dtype)
+        for p, g_v in fits.values():
+            self.cache[p] = g_v.to(device=p.device, dtype=p.dtype)
         return []
