@@ -350,7 +350,11 @@ def test_without_scipy_an_interval_says_how_to_install_it_and_compare_runs_nothi
 
 def test_the_statistics_module_imports_without_scipy():
     code = (
-        "import sys\nsys.modules['scipy'] = None\nfrom hf_sam.compare import stats\n"
+        # The trainer's own imports first: transformers may load scipy through scikit-learn, which a blocked scipy
+        # breaks (a missing one does not). Then scipy is made unimportable for the statistics module.
+        "import sys\nimport hf_sam\n"
+        "for name in [m for m in sys.modules if m == 'scipy' or m.startswith('scipy.')]:\n    del sys.modules[name]\n"
+        "sys.modules['scipy'] = None\nfrom hf_sam.compare import stats\n"
         "rows = stats.summarize([{'method': 'adamw', 'seed': 0, 'a': 1.0}, {'method': 'sam', 'seed': 0, 'a': 2.0}],"
         " metrics=['a'])\nassert rows[1]['a']['diff']['mean'] == 1.0\n"
     )
