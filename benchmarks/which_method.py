@@ -1,0 +1,173 @@
+"""The README's "which method when" table, computed from the benefit benchmark's result files; and the README's
+first screen (status, the table, findings, install) mirrored into docs/index.md.
+
+Every number in the table is a paired difference to AdamW over seeds with its 95% t interval (the statistics of
+`hf_sam.compare.stats`, the same as docs/benefit.md's), read from the files under docs/benefit/; the step-time
+ratio is the CPU time per step against AdamW's on the same task and seed, averaged over seeds. The situations and
+the advice are declared below (ROWS); the numbers are not typed anywhere. README.md carries the table between
+the markers <!-- which-method:start --> and <!-- which-method:end -->, inside its first screen
+(<!-- first-screen:start --> to <!-- first-screen:end -->), which docs/index.md repeats with its links made
+relative to docs/.
+tests/test_which_method.py fails when either file differs from what this script writes.
+
+    python benchmarks/which_method.py          # rewrite the table in README.md and the first screen in docs/index.md
+    python benchmarks/which_method.py --check  # exit 1, naming the file, when either is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hf_sam.compare import stats
+
+ROOT = Path(__file__).resolve().parent.parent
+BENEFIT = ROOT / "docs" / "benefit"
+FIRST_STUDY = [BENEFIT / "results.json", BENEFIT / "extra_seeds.json"]  # one rho per task; seeds 3, 4 in extra
+TUNED_STUDY = [BENEFIT / "tuned" / "results.json"]  # rho chosen on validation; test-phase runs only
+README, INDEX = ROOT / "README.md", ROOT / "docs" / "index.md"
+START, END = "<!-- which-method:start -->", "<!-- which-method:end -->"
+SCREEN_START, SCREEN_END = "<!-- first-screen:start -->", "<!-- first-screen:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    situation: str
+    advice: str  # what to try, with its rho
+    files: tuple[Path, ...]
+    task: str
+    noise: float
+    method: str
+    metric: str = "accuracy"
+    reading: str = "accuracy"  # what the difference is a difference of, in the table
+    phase: str | None = None  # "test" for the tuned study (its selection runs are on the validation split)
+
+    def runs(self) -> list[dict]:
+        out = []
+        for path in self.files:
+            for r in json.loads(path.read_text())["runs"]:
+                if r["task"] == self.task and r["noise"] == self.noise and r.get("phase") == self.phase:
+                    out.append(r)
+        return out
+
+
+ROWS = [
+    Row(
+        "Labels you do not trust, model trained from scratch (small ResNet on digits, 40% wrong labels)",
+        "SAM, ρ 0.1",
+        tuple(FIRST_STUDY),
+        "digits",
+        0.4,
+        "sam",
+    ),
+    Row(
+        "the same, when SAM's step time is too much",
+        "LookSAM, ρ 0.1 (vision only: see the last row)",
+        tuple(FIRST_STUDY),
+        "digits",
+        0.4,
+        "looksam",
+    ),
+    Row(
+        "LoRA weights that must survive 4-bit quantisation (SmolLM2, clean answers)",
+        "Momentum-SAM, ρ 0.05",
+        tuple(FIRST_STUDY),
+        "smollm",
+        0.0,
+        "msam",
+        metric="int4",
+        reading="accuracy after 4-bit quantisation",
+    ),
+    Row(
+        "Clean labels, language-model fine-tuning (SmolLM2 + LoRA)",
+        "AdamW; measure SAM on your task with `hf-sam compare`",
+        tuple(FIRST_STUDY),
+        "smollm",
+        0.0,
+        "sam",
+        reading="accuracy of SAM, ρ 0.05 (untuned)",
+    ),
+    Row(
+        "Do not: LookSAM on a language model at its default α",
+        "—",
+        tuple(FIRST_STUDY),
+        "minilm",
+        0.4,
+        "looksam",
+        reading="accuracy (MiniLM, 40% wrong labels: it does not learn)",
+    ),
+]
+
+
+def measure(row: Row) -> tuple[dict, float]:
+    """The paired difference of `row.metric` to AdamW and the step-time ratio (the mean of the per-seed ratios),
+    by `stats.summarize`, as docs/benefit.md's tables are."""
+    runs = [r for r in row.runs() if r["method"] in (row.method, "adamw")]
+    summary = {
+        s["method"]: s
+        for s in stats.summarize(runs, metrics=[row.metric], compared=[row.metric], cost_key="step_cpu_s")
+    }
+    if row.method not in summary or "adamw" not in summary:
+        where = f"{row.task} noise {row.noise} in {[str(p) for p in row.files]}"
+        raise SystemExit(f"which_method: no {row.method} or adamw runs for {where}")
+    return summary[row.method][row.metric]["diff"], summary[row.method]["cost_x_adamw"]
+
+
+def render() -> str:
+    header = ["Situation", "Try", "Measured against AdamW (points, 95% interval)", "Step time"]
+    cells = []
+    for row in ROWS:
+        diff, cost = measure(row)
+        source = "tuned study" if row.phase else "first study"
+        measured = f"{stats.format_diff(diff)} {row.reading}, {diff['n']} seeds ({source})"
+        cells.append([row.situation, row.advice, measured, f"{cost:.2f}×"])
+    lines = stats.markdown_table(header, cells)
+    note = (
+        "Computed by `python benchmarks/which_method.py` from docs/benefit/*.json (details, commands and every "
+        "other method in [docs/benefit.md](docs/benefit.md)); step time is CPU time per step against AdamW's, "
+        "paired by seed."
+    )
+    return "\n".join([START, *lines, "", note, END])
+
+
+def block(text: str, start_marker: str, end_marker: str, path: Path) -> tuple[int, int]:
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < start:
+        raise SystemExit(f"which_method: {path} has no {start_marker} ... {end_marker} block")
+    return start, end + len(end_marker)
+
+
+def updated() -> dict[Path, str]:
+    """README.md with the computed table, and docs/index.md with README's first screen (links relative to docs/)."""
+    readme = README.read_text()
+    start, end = block(readme, START, END, README)
+    readme = readme[:start] + render() + readme[end:]
+    start, end = block(readme, SCREEN_START, SCREEN_END, README)
+    screen = readme[start:end].replace("](docs/", "](")
+    index = INDEX.read_text()
+    start, end = block(index, SCREEN_START, SCREEN_END, INDEX)
+    return {README: readme, INDEX: index[:start] + screen + index[end:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a file differs from what this writes")
+    args = parser.parse_args(argv)
+    stale = [path for path, text in updated().items() if path.read_text() != text]
+    if args.check:
+        if stale:
+            print("stale first screen in " + ", ".join(str(p.relative_to(ROOT)) for p in stale), file=sys.stderr)
+            print("run: python benchmarks/which_method.py", file=sys.stderr)
+            return 1
+        return 0
+    for path, text in updated().items():
+        if path in stale:
+            path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
