@@ -4,9 +4,9 @@ fails here, without the 10-minute run."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
-import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version

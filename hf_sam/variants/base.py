@@ -54,7 +54,7 @@ SAM_CITATION = """@inproceedings{foret2021sharpnessaware,
 }"""
 
 
-class StepKind(str, enum.Enum):
+class StepKind(enum.StrEnum):
     """What one optimizer step runs."""
 
     PLAIN = "plain"  # the Trainer's own step (late-phase SAM before its start, `sam_interval`)
