@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from references import flat_norm, window_loss, windows_of
 from testing_utils import (
+    ForwardCounter,
     assert_learning_rate_zero_never_changes_the_weights,
     assert_tiny_rho_reproduces_the_plain_trainer,
     assert_updates_close,
@@ -28,15 +29,6 @@ from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
 from hf_sam.perturbation import perturb_along_, restore_
 
 BETAS, EPS = (0.9, 0.999), 1e-8
-
-
-class ForwardCounter:
-    def __init__(self, model):
-        self.count = 0
-        model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_):
-        self.count += 1
 
 
 # ---- perturbation along given directions --------------------------------------------------------------------------

@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from references import reference_sam_sgd, sam_perturbation, window_loss, windows_of
-from testing_utils import assert_updates_close, base_args, lm_dataset, sgd_args, tiny_llama, trainable_state
+from testing_utils import (
+    ForwardCounter,
+    assert_updates_close,
+    base_args,
+    lm_dataset,
+    sgd_args,
+    tiny_llama,
+    trainable_state,
+)
 from torch.func import grad
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
@@ -21,15 +29,6 @@ from hf_sam.variants import (
     looksam_add_,
     looksam_orthogonal_,
 )
-
-
-class ForwardCounter:
-    def __init__(self, model):
-        self.count = 0
-        model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_):
-        self.count += 1
 
 
 def run_trainer(tmp_path, model, data, steps, batch=4, accumulation_steps=1, **sam):
