@@ -28,8 +28,8 @@ def test_a_changed_result_changes_the_table(tmp_path):
     for i, part in enumerate(runs):
         files.append(tmp_path / f"{i}.json")
         files[-1].write_text(json.dumps({"runs": part}))
-    before, _ = which_method.measure(row)
-    after, _ = which_method.measure(dataclasses.replace(row, files=tuple(files)))
+    before, _, _ = which_method.measure(row)
+    after, _, _ = which_method.measure(dataclasses.replace(row, files=tuple(files)))
     assert after["mean"] - before["mean"] == pytest.approx(0.05)
     assert after["n"] == before["n"] >= 5  # the README cites this row: five seeds or more
 
