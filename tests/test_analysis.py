@@ -570,6 +570,16 @@ def test_cli_sharpness_landscape_and_adapter(tmp_path, capsys):
     labels = batch["labels"][0].tolist()
     assert labels == [-100] * len(head) + answer
     assert main(["sharpness", str(a), "--data", str(pc), "--chat-template", "--no-progress"]) == 0
+    # docs/analysis.md's showcase: sft_lora.py's predictions.jsonl, its reference answers as the completions
+    record = {"prompt": "the cat", "reference": "sat on the mat", "prediction": "mat"}
+    chat = {"chat_template": True, "system_prompt": "be brief"}
+    (batch,) = tokenize_examples([record], tokenizer, task="causal-lm", completion_field="reference", **chat)
+    assert batch["labels"][0].tolist() == labels
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(json.dumps(record) + "\n")
+    argv = ["sharpness", str(a), "--data", str(predictions), "--chat-template", "--no-progress"]
+    assert main([*argv, "--completion-field", "reference"]) == 0
+    assert main(argv) == 2 and "'completion'" in capsys.readouterr().err  # without the flag: no completion field
     assert main(["sharpness", str(a), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data: no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

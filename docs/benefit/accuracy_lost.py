@@ -36,11 +36,10 @@ def load_bench():
 
 
 def fmt(d: dict) -> str:
-    if math.isnan(d["mean"]):
-        return "—"
-    if math.isnan(d["low"]):
-        return f"{100 * d['mean']:+.1f}"
-    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    """A paired difference as hf_sam's statistics module writes it ("—" where no seed had the measure)."""
+    from hf_sam.compare.stats import format_diff
+
+    return format_diff(None if math.isnan(d["mean"]) else d)
 
 
 def rows(runs: list[dict], task: str, noise: float, methods: list[str] | None, measures: list[str], paired) -> list:
