@@ -203,12 +203,15 @@ def lm_reading(opts: argparse.Namespace, lm: dict[str, Any]) -> str:
     if bench_sam is None or opts.lm_steps is not None or opts.quick or chosen != opts.lm_rho:
         return line + "The benefit benchmark has no multi-seed measurement of this exact setting to read it against."
     final, early = bench_sam["accuracy"]["diff"], bench_sam["test_at_best_val"]["diff"]
-    return line + (
+    line += (
         f"The benefit benchmark, same setting, {final['n']} seeds, SAM - AdamW with 95% intervals paired by seed: "
         f"at the last step {format_diff(final)} points ({verdict(final)}); at the best-validation epoch "
-        f"{format_diff(early)} ({verdict(early)}). SAM's final model is about as good as AdamW's early-stopped one, "
-        "without a validation split to stop on."
+        f"{format_diff(early)} ({verdict(early)})."
     )
+    if final["low"] > 0 and early["low"] <= 0 <= early["high"]:
+        line += " SAM's final model is about as good as AdamW's early-stopped one, "
+        line += "without a validation split to stop on."
+    return line
 
 
 def plot_curves(lm: dict[str, Any] | None, image: dict[str, Any], path: Path) -> None:

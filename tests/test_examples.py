@@ -294,6 +294,9 @@ def test_demo_reads_its_lm_seed_against_the_benchmark():
     assert reading.startswith("SAM - AdamW here (seed 0): +10.4 points at the last step, +1.0 at the best-validation")
     assert f"at the last step {format_diff(row['accuracy']['diff'])} points" in reading
     assert f"at the best-validation epoch {format_diff(row['test_at_best_val']['diff'])}" in reading
+    final, early = row["accuracy"]["diff"], row["test_at_best_val"]["diff"]
+    concluded = final["low"] > 0 and early["low"] <= 0 <= early["high"]
+    assert ("about as good as AdamW's early-stopped one" in reading) == concluded
     assert summary["info"]["chosen_rho"]["sentiment_smollm 0.4"]["sam"] == same.lm_rho
     for other in (["--lm_rho", "0.3"], ["--lm_steps", "100"], ["--lm_noise", "0.2"], ["--quick"]):
         reading = demo.lm_reading(demo.build_parser().parse_args(other), {"runs": runs})
