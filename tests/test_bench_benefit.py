@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from testing_utils import lm_dataset, load_benchmark_script, tiny_llama
+from testing_utils import REPO, lm_dataset, load_benchmark_script, tiny_llama
 
 
 def test_quick_digits_run_writes_every_measure(tmp_path, capsys):
@@ -240,3 +240,39 @@ def test_the_smollm2_tail_computes_the_full_models_label_logits():
         )
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got.argmax(-1) != got.argmin(-1)).all()  # two distinct label logits per prompt (a real comparison)
+
+
+def _titled_tables(text: str) -> dict[str, list[str]]:
+    """Each markdown table of `text` under a bold title line (`**...**`, a blank line, the table), by title."""
+    lines = text.splitlines()
+    tables = {}
+    for i, line in enumerate(lines[:-2]):
+        if line.startswith("**") and line.endswith("**") and lines[i + 2].startswith("|"):
+            end = i + 2
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            tables[line] = lines[i + 2 : end]
+    return tables
+
+
+def test_the_tuned_study_tables_in_the_docs_are_the_scripts_output():
+    """docs/benefit.md's tables of the tuned study are what bench_benefit.py writes from the committed results."""
+    bench = load_benchmark_script("bench_benefit")
+    records = json.loads((REPO / "docs" / "benefit" / "tuned" / "results.json").read_text())["runs"]
+    rows = bench.summarize([r for r in records if r.get("phase") != "select"])
+    written = _titled_tables(
+        bench.format_tuned(rows, records) + bench.format_selection(bench.selection_rows(records), records)
+    )
+    doc = (REPO / "docs" / "benefit.md").read_text()
+    start = doc.index("## Language models, rho tuned on validation")
+    in_docs = _titled_tables(doc[start : doc.index("\n## ", start + 1)])
+    assert len(in_docs) >= 5 and set(in_docs) <= set(written)
+    for title, table in in_docs.items():
+        assert table == written[title], title
+    # the control: a changed result gives a table the docs no longer match
+    for r in records:
+        if r["method"] == "sam" and r.get("phase") == "test":
+            r["accuracy"] += 0.05
+    rows = bench.summarize([r for r in records if r.get("phase") != "select"])
+    changed = _titled_tables(bench.format_tuned(rows, records))
+    assert any(changed[title] != table for title, table in in_docs.items() if title in changed)
