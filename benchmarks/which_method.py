@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 from hf_sam.compare import stats
 
@@ -50,10 +52,11 @@ class Row:
     spec: str = "+.1f"
 
     def runs(self) -> list[dict]:
+        """The row's runs as the benchmark reports them (a tuned study's test runs at the chosen rho only)."""
         return [
             r
             for path in self.files
-            for r in load_runs(path)
+            for r in reported_runs(path)
             if r["task"] == self.task and r["noise"] == self.noise and r.get("phase") == self.phase
         ]
 
@@ -69,9 +72,20 @@ class Row:
 
 
 @cache
-def load_runs(path: Path) -> tuple[dict, ...]:
-    """The runs of one result file, read once however many rows use it."""
-    return tuple(json.loads(path.read_text())["runs"])
+def reported_runs(path: Path) -> tuple[dict, ...]:
+    """The runs of one result file that the benchmark reports (`bench_benefit.reported_runs`), read once however many
+    rows use it."""
+    return tuple(bench_benefit().reported_runs(json.loads(path.read_text())["runs"]))
+
+
+@cache
+def bench_benefit() -> ModuleType:
+    """benchmarks/bench_benefit.py (a script beside this one), for its rule of which runs a summary reports."""
+    spec = importlib.util.spec_from_file_location("hf_sam_bench_benefit", ROOT / "benchmarks" / "bench_benefit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # The tuned study's two noisy-label rows, each also read against AdamW stopped early.
