@@ -11,7 +11,7 @@ noise, through the benchmark's own training and measurement code:
    the wrong label (the benchmark's `sentiment_smollm` task, 16 epochs: AdamW learns every wrong label), SAM at the
    rho the benchmark chose on its validation split (1.0), scored on 2,002 test words of other word families, at the
    last step and at the epoch of best validation accuracy (early stopping). One seed here; the demo reads it against
-   the benchmark's five seeds of the same setting (docs/benefit/tuned/summary.json).
+   the benchmark's seeds of the same setting (docs/benefit/tuned/summary.json).
 
 It prints both tables and a verdict for each (a gain, or a difference inside the noise), and writes `results.json`
 and `training_curves.png` under `--output_dir` (default `outputs/demo`). About 10 minutes on 2 CPU cores
@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # examples/_common.py
-# What the benefit benchmark measured (committed with docs/benefit.md): the tuned study's summary, over five seeds,
+# What the benefit benchmark measured (committed with docs/benefit.md): the tuned study's summary over seeds,
 # that the demo's one language-model seed is read against.
 BENCHMARK_SUMMARY = ROOT / "docs" / "benefit" / "tuned" / "summary.json"
 LM_TASK = "sentiment_smollm"
