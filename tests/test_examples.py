@@ -463,7 +463,7 @@ def _tiny_chat_model(path: Path) -> None:
 
 
 def test_sft_lora_warns_nothing_of_ours(tmp_path):
-    """sft_lora.py as the demo runs it (LoRA, SAMSFTTrainer and TRL's plain SFTTrainer, held-out scoring)."""
+    """sft_lora.py as analysis.md's showcase runs it (LoRA, SAMSFTTrainer and TRL's plain SFTTrainer, scoring)."""
     _tiny_chat_model(tmp_path / "model")
     runs = [
         ["--output_dir", str(tmp_path / name), "--use_sam", use_sam, "--model_name_or_path", str(tmp_path / "model"),
