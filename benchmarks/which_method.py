@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 from hf_sam.compare import stats
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_benefit, beside this script, as it imports its tasks
+
+import bench_benefit  # noqa: E402  (its rule of which runs a summary reports)
+
 BENEFIT = ROOT / "docs" / "benefit"
 FIRST_STUDY = [BENEFIT / "results.json", BENEFIT / "extra_seeds.json"]  # one rho per task; seeds 3, 4 in extra
 TUNED_STUDY = [BENEFIT / "tuned" / "results.json"]  # rho chosen on validation; test-phase runs only
@@ -75,17 +77,7 @@ class Row:
 def reported_runs(path: Path) -> tuple[dict, ...]:
     """The runs of one result file that the benchmark reports (`bench_benefit.reported_runs`), read once however many
     rows use it."""
-    return tuple(bench_benefit().reported_runs(json.loads(path.read_text())["runs"]))
-
-
-@cache
-def bench_benefit() -> ModuleType:
-    """benchmarks/bench_benefit.py (a script beside this one), for its rule of which runs a summary reports."""
-    spec = importlib.util.spec_from_file_location("hf_sam_bench_benefit", ROOT / "benchmarks" / "bench_benefit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return tuple(bench_benefit.reported_runs(json.loads(path.read_text())["runs"]))
 
 
 # The tuned study's two noisy-label rows, each also read against AdamW stopped early.

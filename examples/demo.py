@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -74,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@functools.cache
+def benchmark_summary() -> dict[str, Any]:
+    """The benefit benchmark's committed tuned-study summary, read once (empty where the file is missing)."""
+    return json.loads(BENCHMARK_SUMMARY.read_text()) if BENCHMARK_SUMMARY.is_file() else {}
+
+
 def benchmark_row(task: str, noise: float, method: str) -> dict[str, Any] | None:
     """The benefit benchmark's committed summary row for this setting, if it measured it."""
-    if not BENCHMARK_SUMMARY.is_file():
-        return None
-    for row in json.loads(BENCHMARK_SUMMARY.read_text())["rows"]:
+    for row in benchmark_summary().get("rows", []):
         if row["task"] == task and math.isclose(row["noise"], noise) and row["method"] == method:
             return row
     return None
@@ -86,10 +91,21 @@ def benchmark_row(task: str, noise: float, method: str) -> dict[str, Any] | None
 
 def benchmark_chosen_rho(task: str, noise: float) -> float | None:
     """The rho the benefit benchmark chose for SAM on this task's validation split, if it tuned it."""
-    if not BENCHMARK_SUMMARY.is_file():
-        return None
-    chosen = json.loads(BENCHMARK_SUMMARY.read_text())["info"].get("chosen_rho", {})
+    chosen = benchmark_summary().get("info", {}).get("chosen_rho", {})
     return chosen.get(f"{task} {noise:g}", {}).get("sam")
+
+
+def measure_options(steps: int | None, quick: bool, hessian_iters: int) -> argparse.Namespace:
+    """The benchmark's measurement options for `run_one`: flatness, and no weight-noise or quantisation readings."""
+    return argparse.Namespace(
+        steps=steps,
+        quick=quick,
+        sharpness_rho=0.05,
+        hessian_iters=hessian_iters,
+        weight_noise=[],
+        noise_draws=1,
+        quant=[],
+    )
 
 
 def verdict(diff: dict[str, float] | None) -> str:
@@ -106,10 +122,7 @@ def verdict(diff: dict[str, float] | None) -> str:
 def image_part(opts: argparse.Namespace, bench: Any) -> dict[str, Any]:
     """AdamW and SAM on noisy-label digits over several seeds, through the benefit benchmark's own run."""
     task = bench.TASKS["digits"]
-    measure = argparse.Namespace(
-        steps=opts.image_steps, quick=opts.quick, sharpness_rho=0.05, hessian_iters=20, weight_noise=[], noise_draws=1,
-        quant=[],
-    )  # fmt: skip
+    measure = measure_options(opts.image_steps, opts.quick, hessian_iters=20)
     records = []
     for seed in opts.image_seeds:
         for method in ("adamw", "sam"):
@@ -170,10 +183,7 @@ def lm_part(opts: argparse.Namespace, bench: Any) -> dict[str, Any]:
     test accuracy at the last step and at the best-on-validation epoch, the share of wrong training labels the model
     reproduces, and forgetting (the change of the language-model loss on general text)."""
     task = bench.TASKS[LM_TASK]
-    measure = argparse.Namespace(
-        steps=opts.lm_steps, quick=opts.quick, sharpness_rho=0.05, hessian_iters=10, weight_noise=[], noise_draws=1,
-        quant=[],
-    )  # fmt: skip
+    measure = measure_options(opts.lm_steps, opts.quick, hessian_iters=10)
     runs: dict[str, dict[str, Any]] = {}
     for method, label in (("adamw", "LoRA + AdamW"), ("sam", f"LoRA + SAM (rho={opts.lm_rho:g})")):
         print(f"== {label}", flush=True)
@@ -263,9 +273,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"== part 1: ResNet on digits, {opts.image_noise:.0%} wrong training labels, AdamW vs SAM", flush=True)
     image = image_part(opts, bench)
+    lm = None
     if not opts.skip_lm:
         print(f"== part 2: SmolLM2-135M + LoRA, word sentiment, {opts.lm_noise:.0%} wrong labels", flush=True)
-    lm = None if opts.skip_lm else lm_part(opts, bench)
+        lm = lm_part(opts, bench)
     results = {
         "settings": vars(opts),
         "image": image,

@@ -277,7 +277,7 @@ def test_demo_end_to_end_tiny(tmp_path):
 
 
 def test_demo_reads_its_lm_seed_against_the_benchmark():
-    """Part 2's one seed is read against the tuned study's five seeds only in the benchmark's own setting."""
+    """Part 2's one seed is read against the tuned study's seeds only in the benchmark's own setting."""
     from hf_sam.compare.stats import format_diff
 
     spec = importlib.util.spec_from_file_location("demo_reading_under_test", EXAMPLES / "demo.py")

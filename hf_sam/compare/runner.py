@@ -721,9 +721,9 @@ def _train(plan: Plan, todo: Sequence[Run], started: float, *, keep_going: bool)
 def _finished_runs(plan: Plan, *, allow_incomplete: bool) -> tuple[list[Run], list[Run]]:
     """The finished and the unfinished runs; a `CompareError` listing the unfinished ones unless the comparison
     may be incomplete (`--allow-incomplete`, and at least one run finished)."""
-    done = {id(run): finished_record(run) is not None for run in plan.runs}  # each run's record read once
-    finished = [run for run in plan.runs if done[id(run)]]
-    unfinished = [run for run in plan.runs if not done[id(run)]]
+    finished, unfinished = [], []
+    for run in plan.runs:  # each run's record read once
+        (unfinished if finished_record(run) is None else finished).append(run)
     if unfinished:
         listing = "; ".join(f"{run.name} ({_status(run)})" for run in unfinished)
         if not allow_incomplete or not finished:
