@@ -297,8 +297,8 @@ LORA_GRIDS = {
         ("late_sam", "looksam", "functional", "preconditioned", "functional_preconditioned", "friendly"),
         [0.1, 0.3, 1.0, 3.0],
     ),
-    "asam": [0.1, 1.0, 10.0],
-    "msam": [0.03, 0.3, 3.0],
+    "asam": [0.1, 1.0, 10.0, 30.0, 100.0],
+    "msam": [0.03, 0.3, 1.0, 3.0],
     "flat_lora": [0.01, 0.03, 0.1],
 }
 FULL_GRIDS = {

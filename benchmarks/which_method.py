@@ -156,7 +156,7 @@ ROWS = [
         reading="accuracy of SAM, ρ 0.05 (untuned)",
     ),
     Row(
-        "Do not: LookSAM on a language model at its default α",
+        "Do not: LookSAM on a fully fine-tuned language model at its default α",
         "—",
         tuple(FIRST_STUDY),
         "minilm",
