@@ -63,7 +63,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "looksam": {"sam_method": "looksam"},
     "late_sam": {"sam_start_fraction": 0.85},
     "flat_lora": {"sam_method": "flat_lora", "sam_rho": 0.05, "lora_only": True},
-    # the language-model variants (not yet run for docs/benefit.md)
+    # the language-model variants
     "functional": {"sam_method": "functional"},
     "preconditioned": {"sam_preconditioner": "adam"},
     "functional_preconditioned": {"sam_method": "functional", "sam_preconditioner": "adam"},
