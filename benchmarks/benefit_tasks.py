@@ -287,10 +287,11 @@ GENERAL_TEXT_WINDOWS, GENERAL_TEXT_TOKENS = 64, 64  # forgetting: 64 windows of 
 # rho grids, each method on its own scale (log-spaced). SAM itself on half-decades: on LoRA adapters 0.001 to 3
 # (Flat-LoRA found 0.003 best for clean T5 adapters; the memorisation pilot resisted noise from 0.2 on; 3.0 was added
 # when 1.0 came out best on noisy labels), on full weights 0.01 to 0.5 (0.07 and 0.14 added around 0.1, the best, next
-# to the collapse at 0.2). The variants, on 2 cores, on fewer points: on LoRA those that perturb along a normalised
-# gradient direction on SAM's informative range (below 0.1 SAM trained as AdamW does), elsewhere three points a decade
-# apart around their scale: ASAM's ball is relative (x10), Momentum-SAM steps along the normalised momentum (its
-# authors use 3 on full weights), Flat-LoRA's rho is the relative noise of the frozen base weights.
+# to the collapse at 0.2). The variants, on 2 cores, on fewer points: those that perturb along a normalised gradient
+# direction on SAM's informative range (on LoRA below 0.1 SAM trained as AdamW does; on full weights 0.05 to 0.2, where
+# SAM went from AdamW-like to collapsed), the others on points around their own scale (extended where the best fell at
+# an end): ASAM's ball is relative (x10), Momentum-SAM steps along the normalised momentum (its authors use 3 on full
+# weights), Flat-LoRA's rho is the relative noise of the frozen base weights.
 LORA_GRIDS = {
     "sam": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
     **dict.fromkeys(
@@ -305,7 +306,7 @@ FULL_GRIDS = {
     "sam": [0.01, 0.02, 0.05, 0.07, 0.1, 0.14, 0.2, 0.5],
     **dict.fromkeys(
         ("late_sam", "looksam", "functional", "preconditioned", "functional_preconditioned", "friendly"),
-        [0.01, 0.05, 0.2],
+        [0.05, 0.1, 0.2],
     ),
     "asam": [0.1, 0.5, 2.0],
     "msam": [0.3, 1.0, 3.0],
