@@ -92,7 +92,7 @@ NOISY_LORA = Row(
 )
 NOISY_FULL = Row(
     "Noisy labels, full fine-tuning (MiniLM, word sentiment, 40% wrong labels)",
-    "SAM, ρ 0.1 (chosen on validation; a cliff: from 0.14, and on 3 of 10 seeds at 0.1, it collapses to one class)",
+    "SAM, ρ 0.1 (chosen on validation; a cliff: from 0.14, and on some seeds at 0.1, it collapses to one class)",
     tuple(TUNED_STUDY),
     "sentiment_minilm",
     0.4,
