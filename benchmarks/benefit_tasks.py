@@ -311,6 +311,17 @@ FULL_GRIDS = {
     "asam": [0.1, 0.5, 2.0],
     "msam": [0.3, 1.0, 3.0],
 }
+# Clean few-shot LoRA: SAM chose its smallest rho, level with AdamW on validation up to 0.1 and below it from 0.3 (-4
+# points) to 1.0 (-19), so the variants that step along a normalised direction run a decade apart across that range,
+# ASAM ten times higher; Flat-LoRA's relative noise keeps its own grid.
+FEWSHOT_GRIDS = {
+    **LORA_GRIDS,
+    **dict.fromkeys(
+        ("late_sam", "looksam", "functional", "preconditioned", "functional_preconditioned", "friendly", "msam"),
+        [0.003, 0.03, 0.3],
+    ),
+    "asam": [0.03, 0.3, 3.0],
+}
 
 
 def _prompt(word: str) -> str:
@@ -633,7 +644,7 @@ TASKS: dict[str, Task] = {
     ),
     # 64 words per label, 30 epochs of 8 steps.
     "fewshot_smollm": SentimentTask(
-        "fewshot_smollm", rho=0.05, steps=240, quick_steps=4, lora=True, rho_grids=LORA_GRIDS,
+        "fewshot_smollm", rho=0.05, steps=240, quick_steps=4, lora=True, rho_grids=FEWSHOT_GRIDS,
         hyper={"model": "smollm", "per_class": 64, "batch": 16, "lr": 1e-3},
     ),
 }  # fmt: skip
