@@ -48,7 +48,7 @@ class Row:
     noise: float
     method: str
     metric: str = "accuracy"
-    reading: str = "accuracy"  # what the difference is a difference of, in the table
+    reading: str = "accuracy"  # what the difference is a difference of; {base}: AdamW's mean, {rho}: the runs' rho
     phase: str | None = None  # "test" for the tuned study (its selection runs are on the validation split)
     scale: float = 100.0  # accuracies in points; 1.0 for a loss
     spec: str = "+.1f"
@@ -153,7 +153,7 @@ ROWS = [
         "fewshot_smollm",
         0.0,
         "sam",
-        reading="accuracy of SAM at ρ 0.001, the best on validation",
+        reading="accuracy of SAM at ρ {rho}, the best on validation",
         phase="test",
     ),
     Row(
@@ -189,7 +189,8 @@ def render() -> str:
     for row in ROWS:
         diff, cost, base = measure(row)
         source = "tuned study" if row.phase else "first study"
-        reading = row.reading.format(base=f"{row.scale * base:{row.spec}}")
+        rho = ", ".join(sorted({f"{r['rho']:g}" for r in row.runs() if r["method"] == row.method and r.get("rho")}))
+        reading = row.reading.format(base=f"{row.scale * base:{row.spec}}", rho=rho)
         measured = f"{stats.format_diff(diff, row.scale, row.spec)} {reading}, {diff['n']} seeds ({source})"
         cells.append([row.situation, row.advice, measured, f"{cost:.2f}×"])
     lines = stats.markdown_table(header, cells)
