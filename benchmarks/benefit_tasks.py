@@ -308,7 +308,7 @@ FULL_GRIDS = {
         ("late_sam", "looksam", "functional", "preconditioned", "functional_preconditioned", "friendly"),
         [0.05, 0.1, 0.2],
     ),
-    "asam": [0.1, 0.5, 2.0],
+    "asam": [0.1, 0.5, 1.0, 2.0],  # 1.0 added: MiniLM trained as AdamW at 0.5 and collapsed at 2
     "msam": [0.3, 1.0, 3.0],
 }
 # Clean few-shot LoRA: SAM chose its smallest rho, level with AdamW on validation up to 0.1 and below it from 0.3 (-4
