@@ -92,7 +92,7 @@ NOISY_LORA = Row(
 )
 NOISY_FULL = Row(
     "Noisy labels, full fine-tuning (MiniLM, word sentiment, 40% wrong labels)",
-    "ASAM, ρ 1.0 (chosen on validation; SAM at its 0.1 gained less and collapsed to one class on 3 of 10 seeds)",
+    "ASAM, ρ 1.0 (chosen on validation; SAM at its 0.1 collapsed to one class on 3 of 10 seeds)",
     tuple(TUNED_STUDY),
     "sentiment_minilm",
     0.4,
