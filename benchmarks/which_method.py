@@ -123,8 +123,7 @@ ROWS = [
     ),
     NOISY_FULL,
     NOISY_FULL.against_early_stopping(
-        "ASAM ρ 1.0 with early stopping too (a lead: of 28 such comparisons in the tuned study, the only gain whose "
-        "interval excludes zero)"
+        "ASAM ρ 1.0 with early stopping too (a lead: the tuned study's only such gain whose interval excludes zero)"
     ),
     Row(
         "LoRA fine-tuning that must not forget general text (SmolLM2 + LoRA, the noisy sentiment task)",
