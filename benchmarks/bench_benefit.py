@@ -638,7 +638,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=None, help="Method names (default: all that apply).")
     parser.add_argument("--method", action="append", default=[], help="Extra method: NAME='{\"sam_rho\": 0.1}'.")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[0, 1, 2],
+        help="Seeds of the reported runs (with --tune, the test seeds; none: choose rho and stop).",
+    )
     parser.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.4], help="Training label-noise fractions.")
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default: per task).")
     parser.add_argument("--weight_noise", nargs="*", type=float, default=[0.05, 0.1, 0.2], help="Relative sigmas.")

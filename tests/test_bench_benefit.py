@@ -189,15 +189,21 @@ def test_tuned_tables_show_the_chosen_rho_and_the_paired_difference():
 @pytest.mark.slow
 def test_quick_tuned_language_tasks_write_every_measure(tmp_path):
     """`--quick --tune` on the three language tasks (the embedded MiniLM and SmolLM2): the grid on one selection seed,
-    the chosen rho on two test seeds, and the tasks' own measures."""
+    the chosen rho on two test seeds, and the tasks' own measures. Run as two jobs: `--seeds` with no seeds runs the
+    selection only; `--resume` with the test seeds reuses those runs and tests the rho chosen from them."""
     pytest.importorskip("vaderSentiment")
     bench = load_benchmark_script("bench_benefit")
     out = tmp_path / "tuned"
     argv = ["--quick", "--tune", "--tasks", "sentiment_minilm", "sentiment_smollm", "fewshot_smollm", "--methods",
-            "sam", "--grid", "0.01", "0.1", "--selection_seeds", "100", "--seeds", "0", "1", "--noise", "0.4",
+            "sam", "--grid", "0.01", "0.1", "--selection_seeds", "100", "--noise", "0.4", "--resume",
             "--weight_noise", "0.1", "--noise_draws", "1", "--hessian_iters", "2", "--out_dir", str(out)]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--seeds"]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["phase"] for r in runs} == {"select"}
+    selected = {(r["task"], r["method"], r["rho"]): r["train_wall_s"] for r in runs}
+    assert bench.main([*argv, "--seeds", "0", "1"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["task"], r["method"], r["rho"]): r["train_wall_s"] for r in runs if r["phase"] == "select"} == selected
     for task in ("sentiment_minilm", "sentiment_smollm", "fewshot_smollm"):
         mine = [r for r in runs if r["task"] == task]
         select = [r for r in mine if r["phase"] == "select"]
