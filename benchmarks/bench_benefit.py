@@ -472,7 +472,7 @@ def format_selection(rows: list[dict], records: list[dict]) -> str:
         cost = search_cost(records, task, noise)
         out.append(
             "\nCost of the search: "
-            + "; ".join(f"{m} {n} runs, {minutes:.0f} min" for m, (n, minutes) in cost.items())
+            + "; ".join(f"{m} {n} run{'s' * (n != 1)}, {minutes:.0f} min" for m, (n, minutes) in cost.items())
             + " (wall time of training and measuring, one thread each)."
         )
     return "\n".join(out) + "\n"
@@ -545,9 +545,10 @@ def plot_rho_sensitivity(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = list(dict.fromkeys((r["task"], r["noise"]) for r in rows))
+    settings = sorted(dict.fromkeys((r["task"], r["noise"]) for r in rows))  # a task's noise levels side by side
     cols = min(2, len(settings))
-    fig, axes = plt.subplots(math.ceil(len(settings) / cols), cols, figsize=(6.4 * cols, 4.6), squeeze=False)
+    n_rows = math.ceil(len(settings) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(6.4 * cols, 4.0 * n_rows), squeeze=False)
     for ax in axes.flat[len(settings) :]:
         ax.set_visible(False)
     for ax, (task, noise) in zip(axes.flat, settings):
