@@ -669,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", nargs="+", default=[], help="Run nothing: summarise the runs of these results.json files together."
     )
     opts = parser.parse_args(argv)
+    if not opts.seeds and not opts.tune and not opts.merge:  # without --tune no seeds would run nothing, silently
+        parser.error("--seeds: give at least one seed (none is allowed only with --tune: choose rho and stop)")
 
     import datasets
     import torch

@@ -5,11 +5,11 @@ Each number checked here is quoted in docs/benefit.md (or docs/variants/msam.md)
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
+from testing_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BENEFIT = ROOT / "docs" / "benefit"
@@ -18,9 +18,7 @@ BENEFIT = ROOT / "docs" / "benefit"
 @pytest.fixture(scope="module")
 def lost():
     pytest.importorskip("scipy")  # the t quantile of the benchmark's `paired`
-    spec = importlib.util.spec_from_file_location("accuracy_lost_under_test", BENEFIT / "accuracy_lost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(BENEFIT / "accuracy_lost.py", "accuracy_lost_under_test")
 
     def rows(*argv: str) -> dict[tuple[str, str], dict]:
         return {(r["method"], r["measure"]): r for r in module.main(list(argv))}

@@ -62,6 +62,14 @@ def test_method_table_entries_are_sam_arguments():
         bench._parse_methods(['x={"rho": 0.2}'])
 
 
+def test_no_seeds_without_tune_is_an_error_naming_the_field(tmp_path, capsys):
+    bench = load_benchmark_script("bench_benefit")
+    with pytest.raises(SystemExit):
+        bench.main(["--tasks", "digits", "--seeds", "--out_dir", str(tmp_path)])
+    assert "--seeds: give at least one seed" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_merge_keeps_one_run_per_task_noise_method_seed(capsys):
     bench = load_benchmark_script("bench_benefit")
     run = {"task": "t", "noise": 0.3, "method": "adamw", "seed": 0, "accuracy": 0.5}

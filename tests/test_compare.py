@@ -8,7 +8,6 @@ test runs a real `Trainer` / `SAMTrainer` script on a tiny model built from a co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,20 +17,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from testing_utils import load_benchmark_script
 
 from hf_sam.cli import main as cli_main
 from hf_sam.compare import runner, stats
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench_benefit():
-    """`benchmarks/bench_benefit.py`, a script, imported by path."""
-    spec = importlib.util.spec_from_file_location("bench_benefit", ROOT / "benchmarks" / "bench_benefit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 # A stand-in training script: the flags it is given decide its metrics. accuracy = 0.5 + 0.01 seed, plus for SAM
@@ -191,7 +182,7 @@ def test_the_summary_is_the_shared_statistics(fake):
 
 
 def test_the_benchmark_uses_the_same_statistics_objects():
-    bench = load_bench_benefit()
+    bench = load_benchmark_script("bench_benefit")
     assert bench.paired is stats.paired_difference
     assert bench._t975 is stats.t975
     assert bench._pct is stats.format_value and bench._diff is stats.format_diff

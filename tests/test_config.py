@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import base_args, lm_dataset, tiny_llama
+from testing_utils import REPO, base_args, lm_dataset, load_script, tiny_llama
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
@@ -118,13 +118,7 @@ def test_every_setting_is_declared_once_and_generates_both_dataclasses():
 
 def test_the_type_stub_for_ides_is_up_to_date():
     """hf_sam/config.pyi spells out the generated fields for IDEs; regenerate with `python scripts/config_stub.py`."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "config_stub.py"
-    spec = importlib.util.spec_from_file_location("config_stub", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(REPO / "scripts" / "config_stub.py", "config_stub")
     assert module.STUB.read_text() == module.stub_text()
     for name in ("rho", "looksam_interval", "friendly_lambda"):
         assert f"    sam_{name}: " in module.STUB.read_text()  # the variants' settings too

@@ -25,6 +25,7 @@ sys.path.insert(0, str(EXAMPLES))  # the examples' embedded defaults (examples/e
 from embedded import make_classification_task, make_reverse_task, metric_path  # noqa: E402
 from embedded import models as embedded_models  # noqa: E402
 from embedded.tasks import CATEGORIES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, reverse_answer  # noqa: E402
+from testing_utils import load_script  # noqa: E402
 
 
 # ---- generated tasks ------------------------------------------------------------------------------------------------
@@ -280,9 +281,7 @@ def test_demo_reads_its_lm_seed_against_the_benchmark():
     """Part 2's one seed is read against the tuned study's seeds only in the benchmark's own setting."""
     from hf_sam.compare.stats import format_diff
 
-    spec = importlib.util.spec_from_file_location("demo_reading_under_test", EXAMPLES / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script(EXAMPLES / "demo.py", "demo_reading_under_test")
     summary = json.loads(demo.BENCHMARK_SUMMARY.read_text())
     (row,) = [r for r in summary["rows"] if (r["task"], r["noise"], r["method"]) == ("sentiment_smollm", 0.4, "sam")]
     runs = {
@@ -445,9 +444,8 @@ def _recorded_warnings(code: str, tmp_path: Path) -> list[dict]:
 
 def _tiny_chat_model(path: Path) -> None:
     """A tiny Llama with a word-level tokenizer and a chat template, saved to `path` (for sft_lora.py)."""
-    spec = importlib.util.spec_from_file_location("tiny_llm_for_examples", ROOT / "tests" / "scripts" / "tiny_llm.py")
-    tiny_llm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny_llm)  # puts tests/ on sys.path, for tiny_llama
+    # importing it puts tests/ on sys.path, for tiny_llama
+    tiny_llm = load_script(ROOT / "tests" / "scripts" / "tiny_llm.py", "tiny_llm_for_examples")
 
     tok = tiny_llm.tokenizer()
     tok.chat_template = (

@@ -312,13 +312,18 @@ def run_launch(command: list[str], timeout_s: float, **env: str) -> None:
         pytest.fail(f"{' '.join(command)} exited with {process.returncode}:\n{output[-6000:]}")
 
 
-def load_benchmark_script(name: str) -> ModuleType:
-    """Import `benchmarks/<name>.py` (a script, not a package) as the module `name`."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import the script at `path` (not in a package) as the module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark_script(name: str) -> ModuleType:
+    """Import `benchmarks/<name>.py` as the module `name`."""
+    return load_script(BENCHMARKS / f"{name}.py", name)
 
 
 class ForwardCounter:
