@@ -13,10 +13,10 @@ SAMTrainer / SAMSFTTrainer otherwise; same data, data order, initialisation and 
 - cost: CPU time per optimizer step (`time.process_time` from `on_step_begin` to `on_step_end`, the cost benchmark's
   clock, warm-up steps dropped), as a multiple of AdamW's at the same seed.
 
-Over seeds: mean and spread (sample standard deviation) of each measure, and the difference to AdamW with a 95%
-interval paired by seed (t distribution, n - 1 degrees of freedom; `hf_sam.compare.stats`, the statistics
-`hf-sam compare` uses). Results: `results.json` (every run), `summary.json`, `table.md` and `pareto.png` (gain
-against cost) under `--out_dir`.
+Over seeds: mean and spread (sample standard deviation) of each measure, and the difference to AdamW (or to
+`--baseline`) with a 95% interval paired by seed (t distribution, n - 1 degrees of freedom; `hf_sam.compare.stats`,
+the statistics `hf-sam compare` uses). Results: `results.json` (every run), `summary.json`, `table.md` and
+`pareto.png` (gain against cost) under `--out_dir`.
 
 Tasks: `benchmarks/benefit_tasks.py` (all embedded, offline).
 
@@ -27,6 +27,7 @@ Usage:
     python benchmarks/bench_benefit.py --method 'sam_rho02={"sam_rho": 0.2}' --methods adamw sam_rho02
     python benchmarks/bench_benefit.py --tasks sentiment_smollm --noise 0.4 --tune --methods sam \
         --selection_seeds 100 101 --seeds 0 1 2 3 4       # rho chosen on validation, then reported on test
+    python benchmarks/bench_benefit.py --merge docs/benefit/tuned/results.json --baseline sam --out_dir outputs/vs-sam
 """
 
 from __future__ import annotations
@@ -354,15 +355,15 @@ def with_losses(records: list[dict]) -> list[dict]:
 paired = stats.paired_difference
 
 
-def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, noise, method): mean and spread over seeds, paired differences to AdamW (accuracies the
-    baseline took too), cost. Tables list methods in METHODS' order (the baseline first), whatever order the runs
-    were merged in; methods added with --method follow, in the order they first appear."""
+def summarize(records: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """One row per (task, noise, method): mean and spread over seeds, paired differences to `baseline` (accuracies
+    the baseline took too), cost (`cost_x_<baseline>`). Tables list methods in METHODS' order (AdamW first), whatever
+    order the runs were merged in; methods added with --method follow, in the order they first appear."""
     return stats.summarize(
         with_losses(records),
         metrics=lambda runs: accuracy_keys(runs) + stats.common_keys(runs, FLATNESS),
         group_by=("task", "noise", "method"),
-        baseline=BASELINE,
+        baseline=baseline,
         compared=accuracy_keys,
         cost_key="step_cpu_s",
         order=list(METHODS),
@@ -373,8 +374,14 @@ _pct = stats.format_value  # a fraction as a percentage with one decimal, "—" 
 _diff = stats.format_diff  # a paired difference in points: "+1.2 [-0.3, +2.7]"
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown tables, one per (task, noise): accuracy in %, differences in points with 95% paired intervals."""
+def _name(method: str) -> str:
+    """A method as the tables' headers name it."""
+    return "AdamW" if method == BASELINE else method
+
+
+def format_table(rows: list[dict], baseline: str = BASELINE) -> str:
+    """Markdown tables, one per (task, noise): accuracy in %, differences to `baseline` (the rows' own, from
+    `summarize`) in points with 95% paired intervals."""
     out = []
     for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in rows):
         group = [r for r in rows if r["task"] == task and r["noise"] == noise]
@@ -384,15 +391,15 @@ def format_table(rows: list[dict]) -> str:
             "method",
             "seeds",
             "held-out acc. (sd)",
-            "Δ vs AdamW [95% CI]",
+            f"Δ vs {_name(baseline)} [95% CI]",
             "λ_max",
             "SAM sharpness",
             *["acc. merged copy"] * len(control),
             *[f"acc. σ={k[6:]}" for k in noise_keys],
             "acc. int8",
             "acc. 4-bit",
-            "Δ 4-bit vs AdamW [95% CI]",
-            "× AdamW step",
+            f"Δ 4-bit vs {_name(baseline)} [95% CI]",
+            f"× {_name(baseline)} step",
         ]
         cells = [
             [
@@ -406,7 +413,7 @@ def format_table(rows: list[dict]) -> str:
                 _pct(r["int8"]["mean"]) if "int8" in r else "—",
                 _pct(r["int4"]["mean"]) if "int4" in r else "—",
                 _diff(r["int4"].get("diff")) if "int4" in r else "—",
-                f"{r['cost_x_adamw']:.2f}",
+                f"{r[f'cost_x_{baseline}']:.2f}",
             ]
             for r in group
         ]
@@ -414,8 +421,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_pareto(rows: list[dict], path: Path) -> None:
-    """Gain in held-out accuracy over AdamW (95% paired interval) against cost per step, one panel per setting."""
+def plot_pareto(rows: list[dict], path: Path, baseline: str = BASELINE) -> None:
+    """Gain in held-out accuracy over `baseline` (95% paired interval) against cost per step, one panel per
+    setting."""
     stats.plot_benefit_vs_cost(
         rows,
         path,
@@ -423,9 +431,9 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         panel=lambda r: (r["task"], r["noise"]),
         title=lambda setting: f"{setting[0]}, label noise {setting[1]:g}",
         scale=100,
-        baseline=BASELINE,
-        xlabel="CPU time per step, × AdamW",
-        ylabel="held-out accuracy − AdamW (points)",
+        baseline=baseline,
+        xlabel=f"CPU time per step, × {_name(baseline)}",
+        ylabel=f"held-out accuracy − {_name(baseline)} (points)",
     )
 
 
@@ -488,9 +496,9 @@ def search_cost(records: list[dict], task: str, noise: float) -> dict[str, tuple
     return cost
 
 
-def format_tuned(rows: list[dict], records: list[dict]) -> str:
-    """Per setting of the tuned study: each method at its chosen rho against AdamW on the test split, by seed.
-    `records`: the reported runs (`reported_runs`)."""
+def format_tuned(rows: list[dict], records: list[dict], baseline: str = BASELINE) -> str:
+    """Per setting of the tuned study: each method at its chosen rho against `baseline` (the rows' own, from
+    `summarize`) on the test split, by seed. `records`: the reported runs (`reported_runs`)."""
     out = []
     tuned = [r for r in records if r.get("phase") == "test"]
     for task, noise in dict.fromkeys((r["task"], r["noise"]) for r in tuned):
@@ -500,7 +508,7 @@ def format_tuned(rows: list[dict], records: list[dict]) -> str:
 
         def diff(r, key, scale=100.0):
             """Points (accuracies) or the raw value (losses, `scale` 1): the paired difference, or the mean where
-            there is no difference (AdamW's own row)."""
+            there is no difference (the baseline's own row)."""
             if key not in r:
                 return "—"
             spec = ".1f" if scale == 100.0 else ".3f"
@@ -516,7 +524,7 @@ def format_tuned(rows: list[dict], records: list[dict]) -> str:
         header += ["Δ forgetting (general-text loss)"] * ("forgetting" in keys)
         lost = [k for k in ("lost_noise_0.1", "lost_int4") if k in keys]
         header += [{"lost_noise_0.1": "Δ lost to σ=0.1", "lost_int4": "Δ lost to 4-bit"}[k] for k in lost]
-        header += ["× AdamW step"]
+        header += [f"× {_name(baseline)} step"]
         cells = []
         for r in group:
             row = [
@@ -524,13 +532,13 @@ def format_tuned(rows: list[dict], records: list[dict]) -> str:
                 "—" if rho[r["method"]] is None else f"{rho[r['method']]:g}",
                 str(len(r["seeds"])),
                 f"{_pct(r['accuracy']['mean'])} ({_pct(r['accuracy']['sd'])})",
-                diff(r, "accuracy") if r["method"] != BASELINE else "—",
+                diff(r, "accuracy") if r["method"] != baseline else "—",
                 diff(r, "test_at_best_val"),
             ]
             row += [_pct(r["fit_noisy"]["mean"]) if "fit_noisy" in r else "—"] * ("fit_noisy" in keys)
             row += [diff(r, "forgetting", scale=1.0)] * ("forgetting" in keys)
             row += [diff(r, k) for k in lost]
-            row += [f"{r['cost_x_adamw']:.2f}"]
+            row += [f"{r[f'cost_x_{baseline}']:.2f}"]
             cells.append(row)
         out += [f"\n**{task}, label noise {noise:g}: each method at its ρ chosen on validation**\n"]
         out += stats.markdown_table(header, cells)
@@ -663,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--selection_seeds", nargs="+", type=int, default=[100, 101])
     parser.add_argument("--grid", nargs="+", type=float, default=None, help="--tune: this rho grid for every method.")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help="The method the tables' differences and step-time ratios are against (it runs like any other; with "
+        "--merge, compare two methods already run: `--baseline sam`).",
+    )
     parser.add_argument("--out_dir", default="outputs/benefit")
     parser.add_argument("--resume", action="store_true", help="Skip runs already in <out_dir>/results.json.")
     parser.add_argument(
@@ -685,8 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in chosen if m not in methods]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {list(methods)}")
+    if opts.baseline not in methods:
+        raise SystemExit(f"--baseline: unknown method {opts.baseline!r}; known: {list(methods)}")
     if BASELINE not in chosen:
         chosen = [BASELINE, *chosen]
+    if opts.baseline not in chosen:  # the tables' differences need its runs
+        chosen.append(opts.baseline)
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     benefit_tasks.WORKDIR = out / "runs"
@@ -756,10 +774,10 @@ def main(argv: list[str] | None = None) -> int:
                     run(task, noise, seed, method, best.get(method), "test")
     results_path.write_text(json.dumps({"info": info, "runs": records}, indent=1) + "\n")
     reported = reported_runs(records)
-    rows = summarize(reported)
+    rows = summarize(reported, opts.baseline)
     info["wall_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
-    table = format_table(rows)
+    table = format_table(rows, opts.baseline)
     if any(r.get("phase") for r in records):  # the tuned study
         selection = selection_rows(records)
         info["chosen_rho"] = {
@@ -769,11 +787,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "summary.json").write_text(
             json.dumps({"info": info, "rows": rows, "selection": selection}, indent=1) + "\n"
         )
-        table += format_tuned(rows, reported) + format_selection(selection, records)
+        table += format_tuned(rows, reported, opts.baseline) + format_selection(selection, records)
         plot_rho_sensitivity(selection, out / "rho_sensitivity.png")
     (out / "table.md").write_text(table)
     if rows:  # a tuned study still in its selection runs has none yet
-        plot_pareto(rows, out / "pareto.png")
+        plot_pareto(rows, out / "pareto.png", opts.baseline)
     print(table)
     print(f"wrote {results_path}, {out / 'summary.json'}, {out / 'table.md'}, {out / 'pareto.png'}")
     return 0

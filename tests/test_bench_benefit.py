@@ -194,6 +194,26 @@ def test_tuned_tables_show_the_chosen_rho_and_the_paired_difference():
     assert "Cost of the search: adamw 2 runs, 2 min; sam 7 runs, 7 min" in selection
 
 
+def test_merged_runs_compare_against_the_baseline_asked_for(tmp_path):
+    """`--merge ... --baseline sam`: the differences and step-time ratios against SAM, paired by seed."""
+    bench = load_benchmark_script("bench_benefit")
+    runs = [dict(r, hessian_top=1.0, sam_sharpness=0.1, train_wall_s=60.0) for r in _tuned_records()]
+    (tmp_path / "results.json").write_text(json.dumps({"info": {}, "runs": runs}))
+    merge = ["--merge", str(tmp_path / "results.json"), "--out_dir", str(tmp_path / "out")]
+    assert bench.main([*merge, "--baseline", "sam"]) == 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Δ vs sam [95% CI]" in table and "× sam step" in table and "× AdamW step" not in table
+    adamw_line = next(line for line in table.splitlines() if line.startswith("| adamw | — |"))  # the tuned table
+    assert "-4.0 [" in adamw_line and adamw_line.endswith("| 0.50 |")  # AdamW - SAM; half SAM's step time
+    sam_line = next(line for line in table.splitlines() if line.startswith("| sam | 0.1 |"))
+    assert "| — |" in sam_line.split("(")[1]  # the baseline's own row has no difference
+    assert bench.main(merge) == 0  # the control: against AdamW by default
+    assert "+4.0 [" in next(line for line in (tmp_path / "out" / "table.md").read_text().splitlines()
+                            if line.startswith("| sam | 0.1 |"))  # fmt: skip
+    with pytest.raises(SystemExit, match="--baseline: unknown method 'sgd'"):
+        bench.main([*merge, "--baseline", "sgd"])
+
+
 @pytest.mark.slow
 def test_quick_tuned_language_tasks_write_every_measure(tmp_path):
     """`--quick --tune` on the three language tasks (the embedded MiniLM and SmolLM2): the grid on one selection seed,
