@@ -355,19 +355,47 @@ def with_losses(records: list[dict]) -> list[dict]:
 paired = stats.paired_difference
 
 
+def step_time_ratios(records: list[dict], baseline: str = BASELINE) -> list[float | None]:
+    """Each run's CPU time per step over the baseline's in the same setting (task and noise) on the same machine (the
+    run's `cpu`; runs recorded without one count as one machine): over the baseline's run at the same seed where
+    that ran on the same machine, else over the mean of the baseline's runs of the setting on that machine; None
+    where it has none there. The same step differs by 10-20% between machines, more than some variants' overheads,
+    so a ratio never pairs two machines."""
+    timed = [r for r in records if r["method"] == baseline and r.get("step_cpu_s") is not None]
+    same_seed = {(r["task"], r["noise"], r["seed"], r.get("cpu")): r["step_cpu_s"] for r in timed}
+    same_setting: dict[tuple, list[float]] = {}
+    for r in timed:
+        same_setting.setdefault((r["task"], r["noise"], r.get("cpu")), []).append(r["step_cpu_s"])
+    ratios: list[float | None] = []
+    for r in records:
+        base = same_seed.get((r["task"], r["noise"], r["seed"], r.get("cpu")))
+        if base is None and (r["task"], r["noise"], r.get("cpu")) in same_setting:
+            base = statistics.fmean(same_setting[(r["task"], r["noise"], r.get("cpu"))])
+        ratios.append(r["step_cpu_s"] / base if base and r.get("step_cpu_s") is not None else None)
+    return ratios
+
+
 def summarize(records: list[dict], baseline: str = BASELINE) -> list[dict]:
     """One row per (task, noise, method): mean and spread over seeds, paired differences to `baseline` (accuracies
-    the baseline took too), cost (`cost_x_<baseline>`). Tables list methods in METHODS' order (AdamW first), whatever
-    order the runs were merged in; methods added with --method follow, in the order they first appear."""
-    return stats.summarize(
+    the baseline took too), cost (`cost_x_<baseline>`: the mean of `step_time_ratios`). Tables list methods in
+    METHODS' order (AdamW first), whatever order the runs were merged in; methods added with --method follow, in the
+    order they first appear."""
+    rows = stats.summarize(
         with_losses(records),
         metrics=lambda runs: accuracy_keys(runs) + stats.common_keys(runs, FLATNESS),
         group_by=("task", "noise", "method"),
         baseline=baseline,
         compared=accuracy_keys,
-        cost_key="step_cpu_s",
         order=list(METHODS),
     )
+    ratios: dict[tuple, list[float]] = {}
+    for r, ratio in zip(records, step_time_ratios(records, baseline)):
+        if ratio is not None:
+            ratios.setdefault((r["task"], r["noise"], r["method"]), []).append(ratio)
+    for row in rows:
+        group = ratios.get((row["task"], row["noise"], row["method"]))
+        row[f"cost_x_{baseline}"] = statistics.fmean(group) if group else math.nan
+    return rows
 
 
 _pct = stats.format_value  # a fraction as a percentage with one decimal, "—" for none
@@ -413,7 +441,7 @@ def format_table(rows: list[dict], baseline: str = BASELINE) -> str:
                 _pct(r["int8"]["mean"]) if "int8" in r else "—",
                 _pct(r["int4"]["mean"]) if "int4" in r else "—",
                 _diff(r["int4"].get("diff")) if "int4" in r else "—",
-                f"{r[f'cost_x_{baseline}']:.2f}",
+                stats.format_value(r[f"cost_x_{baseline}"], 1, ".2f"),
             ]
             for r in group
         ]
@@ -520,10 +548,12 @@ def format_tuned(rows: list[dict], records: list[dict], baseline: str = BASELINE
             )
 
         header = ["method", "ρ", "seeds", "test acc. (sd)", "Δ test [95% CI]", "Δ at best-val checkpoint"]
-        header += ["wrong labels fitted"] * ("fit_noisy" in keys)
+        header += ["wrong labels fitted (loss on them)"] * ("fit_noisy" in keys)
         header += ["Δ forgetting (general-text loss)"] * ("forgetting" in keys)
-        lost = [k for k in ("lost_noise_0.1", "lost_int4") if k in keys]
-        header += [{"lost_noise_0.1": "Δ lost to σ=0.1", "lost_int4": "Δ lost to 4-bit"}[k] for k in lost]
+        # Both readings of robustness: the accuracy after the perturbation, and the accuracy it cost (merged - after).
+        perturbed = [(k, f"lost_{k}") for k in ("noise_0.1", "int4") if f"lost_{k}" in keys]
+        names = {"noise_0.1": "σ=0.1", "int4": "4-bit"}
+        header += [h for k, _ in perturbed for h in (f"Δ after {names[k]}", f"Δ lost to {names[k]}")]
         header += [f"× {_name(baseline)} step"]
         cells = []
         for r in group:
@@ -535,19 +565,24 @@ def format_tuned(rows: list[dict], records: list[dict], baseline: str = BASELINE
                 diff(r, "accuracy") if r["method"] != baseline else "—",
                 diff(r, "test_at_best_val"),
             ]
-            row += [_pct(r["fit_noisy"]["mean"]) if "fit_noisy" in r else "—"] * ("fit_noisy" in keys)
+            if "fit_noisy" in keys:
+                fitted = _pct(r["fit_noisy"]["mean"]) if "fit_noisy" in r else "—"
+                loss = f" ({r['train_loss_noisy']['mean']:.2g})" if "train_loss_noisy" in r else ""
+                row.append(fitted + loss)
             row += [diff(r, "forgetting", scale=1.0)] * ("forgetting" in keys)
-            row += [diff(r, k) for k in lost]
-            row += [f"{r[f'cost_x_{baseline}']:.2f}"]
+            row += [diff(r, k) for pair in perturbed for k in pair]
+            row += [stats.format_value(r[f"cost_x_{baseline}"], 1, ".2f")]
             cells.append(row)
         out += [f"\n**{task}, label noise {noise:g}: each method at its ρ chosen on validation**\n"]
         out += stats.markdown_table(header, cells)
     return "\n".join(out) + "\n"
 
 
-def plot_rho_sensitivity(rows: list[dict], path: Path) -> None:
-    """Validation (solid) and test (dashed) accuracy against rho per method, one panel per setting, AdamW's
-    validation accuracy as a band (its selection seeds' range)."""
+def plot_rho_sensitivity(rows: list[dict], path: Path, tested: list[dict] = ()) -> None:
+    """Per setting, one panel: each method's validation (solid) and test (dashed) accuracy against rho over the
+    selection seeds (`selection_rows`), and at the chosen rho the test seeds' mean test accuracy with its spread (a
+    star, +- one sd; `tested`: the reported test runs). AdamW: its selection seeds' validation (solid grey line, their
+    range shaded) and test accuracy (dashed grey), and its test seeds' range (hatched)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -561,19 +596,35 @@ def plot_rho_sensitivity(rows: list[dict], path: Path) -> None:
         ax.set_visible(False)
     for ax, (task, noise) in zip(axes.flat, settings):
         here = [r for r in rows if (r["task"], r["noise"]) == (task, noise)]
+        test_runs: dict[str, list[dict]] = {}
+        for r in tested:
+            if (r["task"], r["noise"], r.get("phase")) == (task, noise, "test"):
+                test_runs.setdefault(r["method"], []).append(r)
         for r in here:
             if r["rho"] is None:
                 values = [100 * v for v in r["val_accuracy"]["values"]]
-                ax.axhspan(min(values), max(values), color="grey", alpha=0.25, label="AdamW (validation)")
+                ax.axhline(statistics.fmean(values), color="grey", label="AdamW (validation)")
+                ax.axhspan(min(values), max(values), color="grey", alpha=0.25)  # more than one selection seed
+                ax.axhline(100 * r["accuracy"]["mean"], color="grey", ls="--")
+        if BASELINE in test_runs:
+            values = [100 * r["accuracy"] for r in test_runs[BASELINE]]
+            label = f"AdamW, {len(values)} test seeds (range)"
+            ax.axhspan(min(values), max(values), facecolor="none", edgecolor="grey", hatch="//", label=label)
         for method in dict.fromkeys(r["method"] for r in here if r["rho"] is not None):
             points = sorted((r for r in here if r["method"] == method), key=lambda r: r["rho"])
             x = [r["rho"] for r in points]
             (line,) = ax.plot(x, [100 * r["val_accuracy"]["mean"] for r in points], marker="o", label=method)
             ax.plot(x, [100 * r["accuracy"]["mean"] for r in points], ls="--", color=line.get_color())
+            runs = test_runs.get(method, [])
+            if runs:
+                values = [100 * r["accuracy"] for r in runs]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                ax.errorbar(runs[0]["rho"], statistics.fmean(values), yerr=spread, marker="*", ms=11,
+                            color=line.get_color(), capsize=3)  # fmt: skip
         ax.set_xscale("log")
         ax.set_title(f"{task}, label noise {noise:g}")
         ax.set_xlabel("ρ")
-        ax.set_ylabel("accuracy (%): validation —, test --")
+        ax.set_ylabel("accuracy (%): validation —, test --, test seeds (star)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -733,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         t0 = time.perf_counter()
         record = run_one(task, method, spec, seed, noise, opts, rho=rho, phase=phase)
+        record["cpu"] = info["cpu"]  # step times compare within one machine (`step_time_ratios`)
         records.append(record)
         done.add(run_key(record))
         extra = f" rho={rho:g} val={record['val_accuracy']:.3f}" if rho is not None else ""
@@ -788,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"info": info, "rows": rows, "selection": selection}, indent=1) + "\n"
         )
         table += format_tuned(rows, reported, opts.baseline) + format_selection(selection, records)
-        plot_rho_sensitivity(selection, out / "rho_sensitivity.png")
+        plot_rho_sensitivity(selection, out / "rho_sensitivity.png", reported)
     (out / "table.md").write_text(table)
     if rows:  # a tuned study still in its selection runs has none yet
         plot_pareto(rows, out / "pareto.png", opts.baseline)

@@ -3,7 +3,8 @@ first screen (status, the table, findings, install) mirrored into docs/index.md.
 
 Every number in the table is a paired difference to AdamW over seeds with its 95% t interval (the statistics of
 `hf_sam.compare.stats`, the same as docs/benefit.md's), read from the files under docs/benefit/; the step-time
-ratio is the CPU time per step against AdamW's on the same task and seed, averaged over seeds. The situations and
+ratio is the CPU time per step against AdamW's on the same task, seed and machine, averaged over seeds
+(`bench_benefit.step_time_ratios`). The situations and
 the advice are declared below (ROWS); the numbers are not typed anywhere. README.md carries the table between
 the markers <!-- which-method:start --> and <!-- which-method:end -->, inside its first screen
 (<!-- first-screen:start --> to <!-- first-screen:end -->), which docs/index.md repeats with its links made
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import statistics
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -29,7 +32,7 @@ from hf_sam.compare import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_benefit, beside this script, as it imports its tasks
 
-import bench_benefit  # noqa: E402  (its rule of which runs a summary reports)
+import bench_benefit  # noqa: E402  (its rules of which runs a summary reports and of step-time ratios)
 
 BENEFIT = ROOT / "docs" / "benefit"
 FIRST_STUDY = [BENEFIT / "results.json", BENEFIT / "extra_seeds.json"]  # one rho per task; seeds 3, 4 in extra
@@ -141,7 +144,8 @@ ROWS = [
     ),
     Row(
         "LoRA weights that must survive 4-bit quantisation (SmolLM2, clean answers)",
-        "Momentum-SAM, ρ 0.05",
+        "Momentum-SAM, ρ 0.05 (one untuned ρ; at the ρ chosen on validation in the tuned study, level with AdamW "
+        "after 4-bit)",
         tuple(FIRST_STUDY),
         "smollm",
         0.0,
@@ -172,18 +176,19 @@ ROWS = [
 
 
 def measure(row: Row) -> tuple[dict, float, float]:
-    """The paired difference of `row.metric` to AdamW, the step-time ratio (the mean of the per-seed ratios) and
-    AdamW's own mean, by `stats.summarize`, as docs/benefit.md's tables are."""
+    """The paired difference of `row.metric` to AdamW, the step-time ratio (the mean of the runs' ratios to AdamW on
+    the same machine, `bench_benefit.step_time_ratios`) and AdamW's own mean, by `stats.summarize`, as
+    docs/benefit.md's tables are."""
     runs = [r for r in row.runs() if r["method"] in (row.method, "adamw")]
-    summary = {
-        s["method"]: s
-        for s in stats.summarize(runs, metrics=[row.metric], compared=[row.metric], cost_key="step_cpu_s")
-    }
+    summary = {s["method"]: s for s in stats.summarize(runs, metrics=[row.metric], compared=[row.metric])}
     if row.method not in summary or "adamw" not in summary:
         where = f"{row.task} noise {row.noise} in {[str(p) for p in row.files]}"
         raise SystemExit(f"which_method: no {row.method} or adamw runs for {where}")
     mine = summary[row.method]
-    return mine[row.metric]["diff"], mine["cost_x_adamw"], summary["adamw"][row.metric]["mean"]
+    ratios = [x for r, x in zip(runs, bench_benefit.step_time_ratios(runs)) if r["method"] == row.method]
+    ratios = [x for x in ratios if x is not None]
+    cost = statistics.fmean(ratios) if ratios else math.nan
+    return mine[row.metric]["diff"], cost, summary["adamw"][row.metric]["mean"]
 
 
 def render() -> str:
@@ -195,12 +200,13 @@ def render() -> str:
         rho = ", ".join(sorted({f"{r['rho']:g}" for r in row.runs() if r["method"] == row.method and r.get("rho")}))
         reading = row.reading.format(base=f"{row.scale * base:{row.spec}}", rho=rho)
         measured = f"{stats.format_diff(diff, row.scale, row.spec)} {reading}, {diff['n']} seeds ({source})"
-        cells.append([row.situation, row.advice, measured, f"{cost:.2f}×"])
+        cells.append([row.situation, row.advice, measured, "—" if math.isnan(cost) else f"{cost:.2f}×"])
     lines = stats.markdown_table(header, cells)
     note = (
         "Computed by `python benchmarks/which_method.py` from docs/benefit/*.json (details, commands and every "
-        "other method in [docs/benefit.md](docs/benefit.md)); step time is CPU time per step against AdamW's, "
-        "paired by seed."
+        "other method in [docs/benefit.md](docs/benefit.md)); step time is CPU time per step against AdamW's "
+        "on the same machine, paired by seed: rough, as AdamW's own step varied up to 1.5× between runs of one "
+        "setting on the shared 2-core machine ([step times](docs/benefit.md#step-times))."
     )
     return "\n".join([START, *lines, "", note, END])
 

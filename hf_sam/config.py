@@ -36,7 +36,8 @@ CORE_SETTINGS: dict[str, Setting] = {
         0.05,
         "Radius of the neighbourhood in which SAM looks for the worst-case loss; choose it on validation data. "
         "Typical: 0.05 (SGD/AdamW training), 0.05-0.15 (full fine-tuning), up to ~1 on LoRA adapters (whose small "
-        "space needs a larger ball), 0.5-2.0 with `adaptive`. Must be a finite number > 0.",
+        "space needs a larger ball), 0.5-2.0 with `adaptive` on full weights (~10 on LoRA adapters in the benefit "
+        "study). Must be a finite number > 0.",
         lambda name, value: check_number(name, value, allow_zero=False),
     ),
     "adaptive": Setting(

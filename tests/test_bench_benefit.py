@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -192,6 +193,47 @@ def test_tuned_tables_show_the_chosen_rho_and_the_paired_difference():
     assert "| sam | **0.1** | 2 |" in selection and "| sam | 0.3 | 2 |" in selection
     assert "| sam | 1 | 1 |" in selection  # shown, never chosen
     assert "Cost of the search: adamw 2 runs, 2 min; sam 7 runs, 7 min" in selection
+
+
+def test_tuned_tables_give_both_robustness_readings_and_the_loss_on_the_wrong_labels():
+    """Accuracy after a perturbation and accuracy lost to it can disagree: the table shows both, paired by seed."""
+    bench = load_benchmark_script("bench_benefit")
+    records = _tuned_records()
+    for r in records:  # SAM: 2 points higher after 4-bit than AdamW, yet it lost 3 points more to it
+        sam = r["method"] == "sam"
+        r.update(merged=0.70 if sam else 0.65, int4=0.62 if sam else 0.60, train_loss_noisy=0.75 if sam else 0.011)
+    reported = [r for r in records if r["phase"] == "test"]
+    tuned = bench.format_tuned(bench.summarize(reported), reported)
+    header = next(line for line in tuned.splitlines() if line.startswith("| method |"))
+    assert "| wrong labels fitted (loss on them) |" in header and "| Δ after 4-bit | Δ lost to 4-bit |" in header
+    sam_line = next(line for line in tuned.splitlines() if line.startswith("| sam |"))
+    assert "| 40.0 (0.75) | +2.0 [+2.0, +2.0] | +3.0 [+3.0, +3.0] |" in sam_line
+    adamw_line = next(line for line in tuned.splitlines() if line.startswith("| adamw |"))
+    assert "| 99.0 (0.011) | 60.0 | 5.0 |" in adamw_line  # AdamW's own row: its accuracy after, and lost
+
+
+def test_step_time_ratios_never_pair_two_machines():
+    bench = load_benchmark_script("bench_benefit")
+
+    def run(method, seed, cpu, step, noise=0.4):
+        return dict(task="t", noise=noise, method=method, seed=seed, cpu=cpu, step_cpu_s=step, accuracy=0.5)
+
+    runs = [
+        run("adamw", 0, "A", 1.0), run("adamw", 1, "B", 0.8), run("adamw", 2, "B", 0.6),
+        run("sam", 0, "A", 2.2),  # paired by seed on machine A
+        run("sam", 1, "B", 1.4),  # paired by seed on machine B
+        run("sam", 3, "B", 1.05),  # AdamW never ran seed 3: its mean on B (0.7)
+        run("sam", 4, "C", 9.9),  # no AdamW run on C: no ratio
+        run("sam", 5, "B", 1.0, noise=0.0),  # nor in another setting on the same machine
+    ]  # fmt: skip
+    ratios = bench.step_time_ratios(runs)
+    assert ratios[:3] == [1.0, 1.0, 1.0]
+    assert ratios[3:] == [pytest.approx(2.2), pytest.approx(1.75), pytest.approx(1.5), None, None]
+    rows = {(r["noise"], r["method"]): r for r in bench.summarize(runs)}
+    assert rows[(0.4, "sam")]["cost_x_adamw"] == pytest.approx((2.2 + 1.75 + 1.5) / 3)
+    assert math.isnan(rows[(0.0, "sam")]["cost_x_adamw"])
+    legacy = [{k: v for k, v in r.items() if k != "cpu"} for r in runs]  # the control: recorded before `cpu`
+    assert bench.step_time_ratios(legacy)[6] == pytest.approx(9.9 / 0.8)  # one machine: AdamW's mean in the setting
 
 
 def test_merged_runs_compare_against_the_baseline_asked_for(tmp_path):
