@@ -44,3 +44,40 @@ def test_the_first_screen_says_what_was_never_run_and_how_to_measure():
     findings = first[first.index("## What the benefit study found") : first.index("## Install")]
     assert sum(line.startswith("- ") for line in findings.splitlines()) <= 5
     assert "hf-sam compare" in readme[: readme.index("## Settings")]
+
+
+def test_the_advice_column_says_what_the_runs_did():
+    """The advice is typed, not computed: its ρ and its counts of runs stuck at one class, against the runs."""
+    import re
+    import statistics
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from embedded.sentiment import make_sentiment_task
+
+    labels = make_sentiment_task()["test"]["label"]  # the study's test split (split seed 0)
+    one_class_scores = [statistics.fmean(label == c for label in labels) for c in (0, 1)]
+
+    def tested(task, noise, method):
+        return [r for r in which_method.reported_runs(which_method.TUNED_STUDY[0])
+                if (r["task"], r["noise"], r["method"], r.get("phase")) == (task, noise, method, "test")]  # fmt: skip
+
+    def stuck(runs):  # at one class: the score of predicting one label everywhere, within one point
+        return sum(min(abs(r["accuracy"] - s) for s in one_class_scores) < 0.01 for r in runs)
+
+    sam, asam_45 = tested("sentiment_minilm", 0.4, "sam"), tested("sentiment_minilm", 0.45, "asam")
+    assert {r["rho"] for r in sam} == {0.1} and {r["rho"] for r in asam_45} == {1.0}
+    advice = which_method.NOISY_FULL.advice
+    assert f"SAM at its 0.1 collapsed to one class on {stuck(sam)} of {len(sam)} seeds" in advice
+    assert f"ASAM's 1.0 stayed at one class on {stuck(asam_45)} of {len(asam_45)}" in advice
+    assert stuck(tested("sentiment_minilm", 0.4, "asam")) == 0  # the control: the rule does not count every run
+    checked = 0
+    for row in which_method.ROWS:  # a tuned row's own ρ, where its advice names one
+        named = re.match(r"A?SAM,? ρ ([0-9.]+)", row.advice)
+        if row.phase == "test" and named:
+            assert {r["rho"] for r in row.runs() if r["method"] == row.method} == {float(named[1])}, row.advice
+            checked += 1
+    assert checked >= 4
+    searched = {r["rho"] for r in json.loads(which_method.TUNED_STUDY[0].read_text())["runs"]
+                if (r["task"], r["method"], r.get("phase")) == ("fewshot_smollm", "sam", "select")}  # fmt: skip
+    assert f"no ρ from {min(searched):g} to {max(searched):g} helped" in which_method.ROWS[-2].advice
