@@ -11,7 +11,8 @@ SAMTrainer / SAMSFTTrainer otherwise; same data, data order, initialisation and 
   weight matrix (symmetric, per output row: int8; 4-bit in groups of 64 along the input), of the merged weights for
   LoRA;
 - cost: CPU time per optimizer step (`time.process_time` from `on_step_begin` to `on_step_end`, the cost benchmark's
-  clock, warm-up steps dropped), as a multiple of AdamW's at the same seed.
+  clock, warm-up steps dropped), as a multiple of AdamW's at the same seed on the same machine
+  (`step_time_ratios`).
 
 Over seeds: mean and spread (sample standard deviation) of each measure, and the difference to AdamW (or to
 `--baseline`) with a 95% interval paired by seed (t distribution, n - 1 degrees of freedom; `hf_sam.compare.stats`,
