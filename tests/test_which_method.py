@@ -65,12 +65,13 @@ def test_the_advice_column_says_what_the_runs_did():
     def stuck(runs):  # at one class: the score of predicting one label everywhere, within one point
         return sum(min(abs(r["accuracy"] - s) for s in one_class_scores) < 0.01 for r in runs)
 
-    sam, asam_45 = tested("sentiment_minilm", 0.4, "sam"), tested("sentiment_minilm", 0.45, "asam")
-    assert {r["rho"] for r in sam} == {0.1} and {r["rho"] for r in asam_45} == {1.0}
+    sam, asam = tested("sentiment_minilm", 0.4, "sam"), tested("sentiment_minilm", 0.4, "asam")
+    asam_45 = tested("sentiment_minilm", 0.45, "asam")
+    assert {r["rho"] for r in sam} == {0.1} and {r["rho"] for r in asam + asam_45} == {1.0}
     advice = which_method.NOISY_FULL.advice
-    assert f"SAM at its 0.1 collapsed to one class on {stuck(sam)} of {len(sam)} seeds" in advice
+    assert f"SAM at its 0.1 on {stuck(sam)} of {len(sam)} seeds, ASAM at 1.0 on {stuck(asam)} of {len(asam)}" in advice
     assert f"ASAM's 1.0 stayed at one class on {stuck(asam_45)} of {len(asam_45)}" in advice
-    assert stuck(tested("sentiment_minilm", 0.4, "asam")) == 0  # the control: the rule does not count every run
+    assert stuck(tested("sentiment_minilm", 0.4, "adamw")) == 0  # the control: the rule does not count every run
     checked = 0
     for row in which_method.ROWS:  # a tuned row's own ρ, where its advice names one
         named = re.match(r"A?SAM,? ρ ([0-9.]+)", row.advice)
