@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -177,19 +176,15 @@ ROWS = [
 
 
 def measure(row: Row) -> tuple[dict, float, float]:
-    """The paired difference of `row.metric` to AdamW, the step-time ratio (the mean of the runs' ratios to AdamW on
-    the same machine, `bench_benefit.step_time_ratios`) and AdamW's own mean, by `stats.summarize`, as
-    docs/benefit.md's tables are."""
+    """The paired difference of `row.metric` to AdamW, the step-time ratio and AdamW's own mean, by
+    `bench_benefit.summarize`: the rows of docs/benefit.md's tables."""
     runs = [r for r in row.runs() if r["method"] in (row.method, "adamw")]
-    summary = {s["method"]: s for s in stats.summarize(runs, metrics=[row.metric], compared=[row.metric])}
+    summary = {s["method"]: s for s in bench_benefit.summarize(runs)}
     if row.method not in summary or "adamw" not in summary:
         where = f"{row.task} noise {row.noise} in {[str(p) for p in row.files]}"
         raise SystemExit(f"which_method: no {row.method} or adamw runs for {where}")
     mine = summary[row.method]
-    ratios = [x for r, x in zip(runs, bench_benefit.step_time_ratios(runs)) if r["method"] == row.method]
-    ratios = [x for x in ratios if x is not None]
-    cost = statistics.fmean(ratios) if ratios else math.nan
-    return mine[row.metric]["diff"], cost, summary["adamw"][row.metric]["mean"]
+    return mine[row.metric]["diff"], mine["cost_x_adamw"], summary["adamw"][row.metric]["mean"]
 
 
 def render() -> str:
