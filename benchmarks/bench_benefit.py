@@ -356,24 +356,17 @@ def with_losses(records: list[dict]) -> list[dict]:
 paired = stats.paired_difference
 
 
+# A step's CPU time over AdamW's at the same seed in the same setting on the same machine (the run's `cpu`; runs
+# recorded without one count as one machine), else over the mean of AdamW's runs of the setting on that machine; none
+# where AdamW never ran the setting there. The same step differs by 10-20% between machines, more than some variants'
+# overheads, so a ratio never pairs two machines.
+STEP_TIME = {"cost_key": "step_cpu_s", "cost_match": ("cpu",), "cost_unpaired": "mean"}
+GROUP = ("task", "noise", "method")
+
+
 def step_time_ratios(records: list[dict], baseline: str = BASELINE) -> list[float | None]:
-    """Each run's CPU time per step over the baseline's in the same setting (task and noise) on the same machine (the
-    run's `cpu`; runs recorded without one count as one machine): over the baseline's run at the same seed where
-    that ran on the same machine, else over the mean of the baseline's runs of the setting on that machine; None
-    where it has none there. The same step differs by 10-20% between machines, more than some variants' overheads,
-    so a ratio never pairs two machines."""
-    timed = [r for r in records if r["method"] == baseline and r.get("step_cpu_s") is not None]
-    same_seed = {(r["task"], r["noise"], r["seed"], r.get("cpu")): r["step_cpu_s"] for r in timed}
-    same_setting: dict[tuple, list[float]] = {}
-    for r in timed:
-        same_setting.setdefault((r["task"], r["noise"], r.get("cpu")), []).append(r["step_cpu_s"])
-    ratios: list[float | None] = []
-    for r in records:
-        base = same_seed.get((r["task"], r["noise"], r["seed"], r.get("cpu")))
-        if base is None and (r["task"], r["noise"], r.get("cpu")) in same_setting:
-            base = statistics.fmean(same_setting[(r["task"], r["noise"], r.get("cpu"))])
-        ratios.append(r["step_cpu_s"] / base if base and r.get("step_cpu_s") is not None else None)
-    return ratios
+    """Each run's step-time ratio (`STEP_TIME`) to `baseline`, in `records`' order."""
+    return stats.cost_ratios(records, group_by=GROUP, baseline=baseline, **STEP_TIME)
 
 
 def summarize(records: list[dict], baseline: str = BASELINE) -> list[dict]:
@@ -381,22 +374,15 @@ def summarize(records: list[dict], baseline: str = BASELINE) -> list[dict]:
     the baseline took too), cost (`cost_x_<baseline>`: the mean of `step_time_ratios`). Tables list methods in
     METHODS' order (AdamW first), whatever order the runs were merged in; methods added with --method follow, in the
     order they first appear."""
-    rows = stats.summarize(
+    return stats.summarize(
         with_losses(records),
         metrics=lambda runs: accuracy_keys(runs) + stats.common_keys(runs, FLATNESS),
-        group_by=("task", "noise", "method"),
+        group_by=GROUP,
         baseline=baseline,
         compared=accuracy_keys,
         order=list(METHODS),
+        **STEP_TIME,
     )
-    ratios: dict[tuple, list[float]] = {}
-    for r, ratio in zip(records, step_time_ratios(records, baseline)):
-        if ratio is not None:
-            ratios.setdefault((r["task"], r["noise"], r["method"]), []).append(ratio)
-    for row in rows:
-        group = ratios.get((row["task"], row["noise"], row["method"]))
-        row[f"cost_x_{baseline}"] = statistics.fmean(group) if group else math.nan
-    return rows
 
 
 _pct = stats.format_value  # a fraction as a percentage with one decimal, "—" for none

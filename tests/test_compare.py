@@ -172,6 +172,26 @@ def test_compare_runs_every_method_and_seed_and_summarises_paired_by_seed(fake, 
     assert log.startswith("$ ") and "--sam_method sam" in log and "training" in log
 
 
+def test_cost_ratios_pair_by_seed_and_optionally_by_machine():
+    def run(method, seed, cpu, step):
+        return {"method": method, "seed": seed, "cpu": cpu, "step": step, "acc": 0.5}
+
+    runs = [run("adamw", 0, "A", 1.0), run("adamw", 1, "B", 0.5), run("sam", 0, "A", 2.0), run("sam", 1, "A", 1.2),
+            run("sam", 2, "B", 1.5)]  # fmt: skip
+    # by default by seed alone, whatever the machine; a seed AdamW lacks has no ratio
+    assert stats.cost_ratios(runs, cost_key="step") == [1.0, 1.0, 2.0, pytest.approx(2.4), None]
+    # on the same machine: SAM's seed 1 ran on A, AdamW's on B
+    assert stats.cost_ratios(runs, cost_key="step", cost_match=("cpu",)) == [1.0, 1.0, 2.0, None, None]
+    # with the fallback: AdamW's mean on the run's machine (A: 1.0, B: 0.5)
+    mean = stats.cost_ratios(runs, cost_key="step", cost_match=("cpu",), cost_unpaired="mean")
+    assert mean == [1.0, 1.0, 2.0, pytest.approx(1.2), pytest.approx(3.0)]
+    rows = stats.summarize(runs, metrics=["acc"], cost_key="step", cost_match=("cpu",), cost_unpaired="mean")
+    assert rows[1]["method"] == "sam" and rows[1]["cost_x_adamw"] == pytest.approx((2.0 + 1.2 + 3.0) / 3)
+    assert rows[1]["step"] == pytest.approx((2.0 + 1.2 + 1.5) / 3)  # the method's own mean step
+    with pytest.raises(ValueError, match=r"cost_unpaired must be one of \('skip', 'mean'\); got 'nearest'"):
+        stats.cost_ratios(runs, cost_key="step", cost_unpaired="nearest")
+
+
 def test_the_summary_is_the_shared_statistics(fake):
     assert fake("--seeds", "0", "1", "--methods", "sam") == 0
     result = json.loads((fake.out / "compare.json").read_text())

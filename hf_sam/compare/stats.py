@@ -4,7 +4,8 @@ Each run is a record (a dict) with a method, a seed and its measures. Runs are g
 by task and label noise), and each group gets, for every measure, its mean and sample standard deviation over seeds
 and the difference to the baseline method *paired by seed* (the mean over the seeds both ran of method - baseline),
 with a 95% interval from Student's t distribution with n - 1 degrees of freedom. Cost is the mean over seeds of each
-run's cost divided by the baseline's at the same seed.
+run's cost divided by the baseline's at the same seed (`cost_ratios`: optionally only on the same machine, and over
+the baseline's mean where it lacks the seed).
 
 The t quantile is scipy's (`scipy.stats.t.ppf`), imported when an interval is computed: this module imports without
 scipy, and a summary with one seed per group (no interval) needs none. `require_scipy` raises the error that says how
@@ -21,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "common_keys",
+    "cost_ratios",
     "format_diff",
     "format_value",
     "markdown_table",
@@ -90,6 +92,55 @@ def common_keys(records: Sequence[Mapping[str, Any]], candidates: Iterable[str])
 
 
 KeysOf = Sequence[str] | Callable[[list[dict]], Sequence[str]]
+UNPAIRED = ("skip", "mean")
+
+
+def cost_ratios(
+    records: Sequence[dict],
+    *,
+    cost_key: str,
+    group_by: Sequence[str] = ("method",),
+    method_key: str = "method",
+    seed_key: str = "seed",
+    baseline: str = "adamw",
+    cost_match: Sequence[str] = (),
+    cost_unpaired: str = "skip",
+) -> list[float | None]:
+    """Each run's cost over the baseline's, in `records`' order.
+
+    A run is divided by the baseline's run with the same seed, the same other `group_by` fields and the same
+    `cost_match` fields (a missing field counts as None, so runs recorded without it count as one machine). Where
+    the baseline lacks that run, `cost_unpaired="mean"` divides by the mean of the baseline's runs that share the
+    group and the `cost_match` fields instead; `"skip"` gives None, as does a run without the cost or without any
+    baseline run to divide by.
+
+    Args:
+        cost_key (`str`): The per-run cost (time per step).
+        cost_match (`Sequence[str]`, defaults to `()`): Fields a run and the runs it is divided by must share: the
+            machine, since the same step takes 10-20% longer on one machine than on another, more than some
+            variants' overhead.
+        cost_unpaired (`str`, defaults to `"skip"`): `"skip"` or `"mean"`, for a run whose seed the baseline lacks.
+        group_by, method_key, seed_key, baseline: As in `summarize`.
+    """
+    if cost_unpaired not in UNPAIRED:
+        raise ValueError(f"cost_unpaired must be one of {UNPAIRED}; got {cost_unpaired!r}.")
+    group_by, at = tuple(group_by), tuple(group_by).index(method_key)
+
+    def place(r: Mapping[str, Any]) -> tuple:  # the run's group but for the method, and its machine
+        return tuple(r.get(k) for i, k in enumerate(group_by) if i != at) + tuple(r.get(k) for k in cost_match)
+
+    timed = [r for r in records if r[method_key] == baseline and r.get(cost_key) is not None]
+    same_seed = {(place(r), r[seed_key]): r[cost_key] for r in timed}
+    same_place: dict[tuple, list[float]] = {}
+    for r in timed:
+        same_place.setdefault(place(r), []).append(r[cost_key])
+    ratios: list[float | None] = []
+    for r in records:
+        base = same_seed.get((place(r), r[seed_key]))
+        if base is None and cost_unpaired == "mean" and place(r) in same_place:
+            base = statistics.fmean(same_place[place(r)])
+        ratios.append(r[cost_key] / base if base and r.get(cost_key) is not None else None)
+    return ratios
 
 
 def summarize(
@@ -102,6 +153,8 @@ def summarize(
     baseline: str = "adamw",
     compared: KeysOf | None = None,
     cost_key: str | None = None,
+    cost_match: Sequence[str] = (),
+    cost_unpaired: str = "skip",
     order: Sequence[str] = (),
 ) -> list[dict]:
     """One row per group of runs: mean and spread over seeds, paired differences to the baseline, cost.
@@ -119,8 +172,10 @@ def summarize(
             of the baseline's runs that names them; default: every one of `metrics`. A measure gets a difference only
             where the baseline's group has runs and the group is not the baseline's.
         cost_key (`str`, *optional*): A per-run cost (time per step); the row gets its mean (under the same key,
-            runs without it skipped) and `cost_x_<baseline>`, the mean over seeds of the run's cost over the
-            baseline's at the same seed (NaN where no seed has both).
+            runs without it skipped) and `cost_x_<baseline>`, the mean over seeds of `cost_ratios` (by default the
+            run's cost over the baseline's at the same seed; NaN where no run has a ratio).
+        cost_match (`Sequence[str]`, defaults to `()`), cost_unpaired (`str`, defaults to `"skip"`): How a run's
+            cost is paired with the baseline's (`cost_ratios`).
         order (`Sequence[str]`, defaults to `()`): Methods in the order of the rows; others follow, in the order they
             first appear.
 
@@ -131,6 +186,19 @@ def summarize(
     """
     group_by = tuple(group_by)
     at = group_by.index(method_key)
+    ratio: dict[int, float | None] = {}
+    if cost_key is not None:
+        costs = cost_ratios(
+            records,
+            cost_key=cost_key,
+            group_by=group_by,
+            method_key=method_key,
+            seed_key=seed_key,
+            baseline=baseline,
+            cost_match=cost_match,
+            cost_unpaired=cost_unpaired,
+        )
+        ratio = {id(r): c for r, c in zip(records, costs)}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in group_by), []).append(r)
@@ -159,13 +227,7 @@ def summarize(
                     {r[seed_key]: r[k] for r in runs}, {s: b[k] for s, b in base_runs.items()}
                 )
         if cost_key is not None:
-            costs = [
-                r[cost_key] / base_runs[r[seed_key]][cost_key]
-                for r in runs
-                if r.get(cost_key) is not None
-                and r[seed_key] in base_runs
-                and base_runs[r[seed_key]].get(cost_key) is not None
-            ]
+            costs = [ratio[id(r)] for r in runs if ratio[id(r)] is not None]
             row[f"cost_x_{baseline}"] = statistics.fmean(costs) if costs else float("nan")
             own = [r[cost_key] for r in runs if r.get(cost_key) is not None]
             row[cost_key] = statistics.fmean(own) if own else float("nan")
