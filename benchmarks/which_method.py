@@ -4,9 +4,10 @@ first screen (status, the table, findings, install) mirrored into docs/index.md.
 Every number in the table is a paired difference to AdamW over seeds with its 95% t interval (the statistics of
 `hf_sam.compare.stats`, the same as docs/benefit.md's), read from the files under docs/benefit/; the step-time
 ratio is the CPU time per step against AdamW's on the same task, seed and machine, averaged over seeds
-(`bench_benefit.step_time_ratios`). The situations and
-the advice are declared below (ROWS); the numbers are not typed anywhere. README.md carries the table between
-the markers <!-- which-method:start --> and <!-- which-method:end -->, inside its first screen
+(`bench_benefit.step_time_ratios`). The situations and the advice are declared below (ROWS); the measured numbers,
+and those an advice quotes from the runs (`Row.fresh_from`), are not typed anywhere (tests/test_which_method.py
+checks the advice's typed counts of runs). README.md carries the table between the markers
+<!-- which-method:start --> and <!-- which-method:end -->, inside its first screen
 (<!-- first-screen:start --> to <!-- first-screen:end -->), which docs/index.md repeats with its links made
 relative to docs/.
 tests/test_which_method.py fails when either file differs from what this script writes.
@@ -54,6 +55,9 @@ class Row:
     phase: str | None = None  # "test" for the tuned study (its selection runs are on the validation split)
     scale: float = 100.0  # accuracies in points; 1.0 for a loss
     spec: str = "+.1f"
+    # Seeds below this one found a lead that the seeds from it on were run to test: the advice may quote both parts,
+    # as {found} (the first seeds' mean difference), {fresh} (the later seeds' difference and interval) and {n_fresh}.
+    fresh_from: int | None = None
 
     def runs(self) -> list[dict]:
         """The row's runs as the benchmark reports them (a tuned study's test runs at the chosen rho only)."""
@@ -64,7 +68,7 @@ class Row:
             if r["task"] == self.task and r["noise"] == self.noise and r.get("phase") == self.phase
         ]
 
-    def against_early_stopping(self, advice: str) -> Row:
+    def against_early_stopping(self, advice: str, fresh_from: int | None = None) -> Row:
         """The same runs read at each run's best validation epoch: the comparison with AdamW stopped early."""
         return dataclasses.replace(
             self,
@@ -72,6 +76,7 @@ class Row:
             advice=advice,
             metric="test_at_best_val",
             reading="accuracy at the best validation epoch",
+            fresh_from=fresh_from,
         )
 
 
@@ -126,8 +131,9 @@ ROWS = [
     ),
     NOISY_FULL,
     NOISY_FULL.against_early_stopping(
-        "AdamW with early stopping, or ASAM ρ 1.0 with it: ASAM's lead over its first 16 seeds (+4.6) was +0.9 "
-        "(−3.5 to +5.2) on 20 fresh ones"
+        "AdamW with early stopping, or ASAM ρ 1.0 with it: ASAM's lead over its first 16 seeds ({found}) was {fresh} "
+        "on {n_fresh} fresh ones",
+        fresh_from=16,
     ),
     Row(
         "LoRA fine-tuning that must not forget general text (SmolLM2 + LoRA, the noisy sentiment task)",
@@ -175,16 +181,29 @@ ROWS = [
 ]
 
 
-def measure(row: Row) -> tuple[dict, float, float]:
+def measure(row: Row, seeds: range | None = None) -> tuple[dict, float, float]:
     """The paired difference of `row.metric` to AdamW, the step-time ratio and AdamW's own mean, by
-    `bench_benefit.summarize`: the rows of docs/benefit.md's tables."""
-    runs = [r for r in row.runs() if r["method"] in (row.method, "adamw")]
+    `bench_benefit.summarize`: the rows of docs/benefit.md's tables (over `seeds` only, where given)."""
+    runs = [r for r in row.runs() if r["method"] in (row.method, "adamw") and (seeds is None or r["seed"] in seeds)]
     summary = {s["method"]: s for s in bench_benefit.summarize(runs)}
     if row.method not in summary or "adamw" not in summary:
         where = f"{row.task} noise {row.noise} in {[str(p) for p in row.files]}"
         raise SystemExit(f"which_method: no {row.method} or adamw runs for {where}")
     mine = summary[row.method]
     return mine[row.metric]["diff"], mine["cost_x_adamw"], summary["adamw"][row.metric]["mean"]
+
+
+def advice(row: Row) -> str:
+    """The row's advice, with the numbers it quotes (`Row.fresh_from`) computed from the runs."""
+    if row.fresh_from is None:
+        return row.advice
+    found, _, _ = measure(row, range(row.fresh_from))
+    fresh, _, _ = measure(row, range(row.fresh_from, 10**9))
+    return row.advice.format(
+        found=f"{row.scale * found['mean']:{row.spec}}",
+        fresh=stats.format_diff(fresh, row.scale, row.spec),
+        n_fresh=fresh["n"],
+    )
 
 
 def render() -> str:
@@ -196,7 +215,7 @@ def render() -> str:
         rho = ", ".join(sorted({f"{r['rho']:g}" for r in row.runs() if r["method"] == row.method and r.get("rho")}))
         reading = row.reading.format(base=f"{row.scale * base:{row.spec}}", rho=rho)
         measured = f"{stats.format_diff(diff, row.scale, row.spec)} {reading}, {diff['n']} seeds ({source})"
-        cells.append([row.situation, row.advice, measured, "—" if math.isnan(cost) else f"{cost:.2f}×"])
+        cells.append([row.situation, advice(row), measured, "—" if math.isnan(cost) else f"{cost:.2f}×"])
     lines = stats.markdown_table(header, cells)
     note = (
         "Computed by `python benchmarks/which_method.py` from docs/benefit/*.json (details, commands and every "

@@ -82,3 +82,40 @@ def test_the_advice_column_says_what_the_runs_did():
     searched = {r["rho"] for r in json.loads(which_method.TUNED_STUDY[0].read_text())["runs"]
                 if (r["task"], r["method"], r.get("phase")) == ("fewshot_smollm", "sam", "select")}  # fmt: skip
     assert f"no ρ from {min(searched):g} to {max(searched):g} helped" in which_method.ROWS[-2].advice
+
+
+def test_the_early_stopping_advice_quotes_its_first_and_its_fresh_seeds_from_the_runs(tmp_path):
+    """The advice's lead over the first seeds and its replication on the later ones are computed from the runs: the
+    per-seed differences, worked out here with scipy's t quantile, give the same text; a changed fresh run moves it."""
+    import statistics
+
+    from scipy import stats as scipy_stats
+
+    row = next(r for r in which_method.ROWS if r.fresh_from is not None)
+    assert row.metric == "test_at_best_val" and "{found}" in row.advice and "{fresh}" in row.advice
+
+    def expected_advice(runs):
+        mine, base = ({r["seed"]: r[row.metric] for r in runs if r["method"] == m} for m in (row.method, "adamw"))
+        diffs = {s: mine[s] - base[s] for s in mine.keys() & base.keys()}
+        found = [d for s, d in diffs.items() if s < row.fresh_from]
+        fresh = [d for s, d in diffs.items() if s >= row.fresh_from]
+        mean = statistics.fmean(fresh)
+        half = scipy_stats.t.ppf(0.975, len(fresh) - 1) * statistics.stdev(fresh) / len(fresh) ** 0.5
+        return row.advice.format(
+            found=f"{100 * statistics.fmean(found):+.1f}",
+            fresh=f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]",
+            n_fresh=len(fresh),
+        )
+
+    assert len({r["seed"] for r in row.runs() if r["seed"] >= row.fresh_from}) >= 20
+    assert which_method.advice(row) == expected_advice(row.runs())
+    assert which_method.advice(row) in which_method.render()
+    # the control: a fresh seed's run scored 10 points higher gives a different advice, the recomputed one
+    (study,) = row.files
+    runs, reported = json.loads(study.read_text())["runs"], row.runs()
+    fresh_run = next(r for r in runs if r in reported and r["method"] == row.method and r["seed"] >= row.fresh_from)
+    fresh_run[row.metric] += 0.10
+    changed = tmp_path / "results.json"
+    changed.write_text(json.dumps({"runs": runs}))
+    moved = dataclasses.replace(row, files=(changed,))
+    assert which_method.advice(moved) == expected_advice(moved.runs()) != which_method.advice(row)
