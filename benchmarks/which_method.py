@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -181,10 +182,10 @@ ROWS = [
 ]
 
 
-def measure(row: Row, seeds: range | None = None) -> tuple[dict, float, float]:
+def measure(row: Row, keep_seed: Callable[[int], bool] = lambda seed: True) -> tuple[dict, float, float]:
     """The paired difference of `row.metric` to AdamW, the step-time ratio and AdamW's own mean, by
-    `bench_benefit.summarize`: the rows of docs/benefit.md's tables (over `seeds` only, where given)."""
-    runs = [r for r in row.runs() if r["method"] in (row.method, "adamw") and (seeds is None or r["seed"] in seeds)]
+    `bench_benefit.summarize`: the rows of docs/benefit.md's tables (over the seeds `keep_seed` keeps)."""
+    runs = [r for r in row.runs() if r["method"] in (row.method, "adamw") and keep_seed(r["seed"])]
     summary = {s["method"]: s for s in bench_benefit.summarize(runs)}
     if row.method not in summary or "adamw" not in summary:
         where = f"{row.task} noise {row.noise} in {[str(p) for p in row.files]}"
@@ -197,8 +198,8 @@ def advice(row: Row) -> str:
     """The row's advice, with the numbers it quotes (`Row.fresh_from`) computed from the runs."""
     if row.fresh_from is None:
         return row.advice
-    found, _, _ = measure(row, range(row.fresh_from))
-    fresh, _, _ = measure(row, range(row.fresh_from, 10**9))
+    found, _, _ = measure(row, lambda seed: seed < row.fresh_from)
+    fresh, _, _ = measure(row, lambda seed: seed >= row.fresh_from)
     return row.advice.format(
         found=f"{row.scale * found['mean']:{row.spec}}",
         fresh=stats.format_diff(fresh, row.scale, row.spec),
