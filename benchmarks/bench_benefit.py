@@ -619,6 +619,26 @@ def plot_rho_sensitivity(rows: list[dict], path: Path, tested: list[dict] = ()) 
     plt.close(fig)
 
 
+def earlier_invocations(infos: list[dict]) -> list[dict]:
+    """Each invocation that made the runs in `infos` (its command, commit, machine), once, earliest first. A lane
+    resumes from a copy of the study's file, so the lanes merged back share its history: nested (as files written
+    before this function did), it would be copied once per lane at every merge and grow geometrically."""
+    seen: dict[str, dict] = {}
+
+    def visit(info: dict) -> None:
+        for earlier in [*info.get("history", []), *([info["resumed"]] if "resumed" in info else [])]:
+            visit(earlier)
+        for earlier in info.get("merged", []):
+            visit(earlier)
+        own = {k: v for k, v in info.items() if k not in ("history", "resumed", "merged")}
+        if own:
+            seen.setdefault(json.dumps(own, sort_keys=True), own)
+
+    for info in infos:
+        visit(info)
+    return list(seen.values())
+
+
 def hardware() -> dict[str, Any]:
     import torch
 
@@ -758,10 +778,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "benchmarks/bench_benefit.py", *(argv if argv is not None else sys.argv[1:])])
     }
     info.update(hardware())
-    if commands:
-        info["merged"] = [m["info"] for m in commands]
-    if previous:
-        info["resumed"] = previous["info"]
+    history = earlier_invocations([*([previous["info"]] if previous else []), *(m["info"] for m in commands)])
+    if history:
+        info["history"] = history
     started = time.perf_counter()
 
     def run(task: Task, noise: float, seed: int, method: str, rho: float | None = None, phase: str | None = None):

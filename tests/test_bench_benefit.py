@@ -256,6 +256,38 @@ def test_merged_runs_compare_against_the_baseline_asked_for(tmp_path):
         bench.main([*merge, "--baseline", "sgd"])
 
 
+def test_merging_lanes_records_each_earlier_invocation_once(tmp_path):
+    """Lanes resume from copies of the study's file and are merged back: the merged file names every invocation that
+    made its runs once (command, commit), however many merges deep, including those of files nested the old way."""
+    bench = load_benchmark_script("bench_benefit")
+    runs = [dict(r, hessian_top=1.0, sam_sharpness=0.1, train_wall_s=60.0) for r in _tuned_records()]
+    study = tmp_path / "study.json"
+    nested = {"command": "study", "commit": "c2", "merged": [{"command": "first lane", "commit": "c1"}]}
+    study.write_text(json.dumps({"info": nested, "runs": runs}))
+
+    def merge_two_lanes(round_: int) -> dict:
+        lanes = []
+        for lane in ("A", "B"):
+            copy = json.loads(study.read_text())  # lane.sh: a copy of the study's file, resumed and run further
+            lanes.append(tmp_path / f"lane{lane}{round_}.json")
+            info = {"command": f"lane {lane} round {round_}", "commit": "c3", "resumed": copy["info"]}
+            lanes[-1].write_text(json.dumps({"info": info, "runs": copy["runs"]}))
+        out = tmp_path / f"out{round_}"
+        assert bench.main(["--merge", str(study), *map(str, lanes), "--out_dir", str(out)]) == 0
+        study.write_text((out / "results.json").read_text())
+        return json.loads((out / "summary.json").read_text())["info"]
+
+    merge_two_lanes(1)
+    info = merge_two_lanes(2)
+    commands = [entry["command"] for entry in info["history"]]
+    assert commands[:3] == ["first lane", "study", "lane A round 1"]  # earliest first
+    assert sorted(commands) == sorted(set(commands)) and len(commands) == 7  # 2, then 2 lanes + merge, 2 lanes
+    assert info["command"].startswith("python benchmarks/bench_benefit.py --merge")
+    text = json.dumps(info)
+    assert text.count('"lane A round 1"') == 1 and text.count('"first lane"') == 1  # nested, these would repeat
+    assert len(json.loads(study.read_text())["runs"]) == len(runs)  # the lanes' copies of the runs merged once
+
+
 @pytest.mark.slow
 def test_quick_tuned_language_tasks_write_every_measure(tmp_path):
     """`--quick --tune` on the three language tasks (the embedded MiniLM and SmolLM2): the grid on one selection seed,
