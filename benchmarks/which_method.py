@@ -82,10 +82,15 @@ class Row:
 
 
 @cache
+def all_runs(path: Path) -> tuple[dict, ...]:
+    """Every run of one result file, selection runs included, read once however many rows use it."""
+    return tuple(json.loads(path.read_text())["runs"])
+
+
+@cache
 def reported_runs(path: Path) -> tuple[dict, ...]:
-    """The runs of one result file that the benchmark reports (`bench_benefit.reported_runs`), read once however many
-    rows use it."""
-    return tuple(bench_benefit.reported_runs(json.loads(path.read_text())["runs"]))
+    """The runs of one result file that the benchmark reports (`bench_benefit.reported_runs`)."""
+    return tuple(bench_benefit.reported_runs(list(all_runs(path))))
 
 
 # The tuned study's two noisy-label rows, each also read against AdamW stopped early.
@@ -211,7 +216,7 @@ def adamw_step_spread() -> float:
     """The largest ratio of AdamW's slowest step to its fastest among its tuned-study runs of one setting on one
     machine: how rough a step-time ratio is."""
     steps: dict[tuple, list[float]] = {}
-    for r in json.loads(TUNED_STUDY[0].read_text())["runs"]:
+    for r in all_runs(TUNED_STUDY[0]):
         if r["method"] == "adamw":
             steps.setdefault((r["task"], r["noise"], r["cpu"]), []).append(r["step_cpu_s"])
     return max(max(v) / min(v) for v in steps.values())
